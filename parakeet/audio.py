@@ -1,0 +1,57 @@
+"""
+Audio payloads: bytes on the wire to float32 samples, and rate conversion.
+"""
+
+import numpy as np
+
+ENCODINGS = ("pcm16", "f32")
+
+
+class AudioError(ValueError):
+    """The audio payload is malformed; the message says how."""
+
+
+def decode_samples(payload, encoding):
+    """Little-endian pcm16 or f32 bytes to float32 samples in [-1, 1]."""
+    if encoding == "pcm16":
+        if len(payload) % 2:
+            raise AudioError("pcm16 audio must have an even number of bytes, got %d"
+                             % len(payload))
+        return np.frombuffer(payload, dtype="<i2").astype(np.float32) / 32768.0
+    if encoding == "f32":
+        if len(payload) % 4:
+            raise AudioError("f32 audio must be a multiple of 4 bytes long, got %d"
+                             % len(payload))
+        samples = np.frombuffer(payload, dtype="<f4").astype(np.float32)
+        if not np.isfinite(samples).all():
+            raise AudioError("f32 audio contains NaN or infinite samples")
+        return samples
+    raise AudioError("unknown audio encoding %r (expected one of: %s)"
+                     % (encoding, ", ".join(ENCODINGS)))
+
+
+def encode_samples(samples, encoding="pcm16"):
+    """float32 samples to the little-endian bytes of encoding (the inverse of decode_samples)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if encoding == "pcm16":
+        return (np.clip(samples, -1.0, 32767 / 32768) * 32768).round().astype("<i2").tobytes()
+    if encoding == "f32":
+        return samples.astype("<f4").tobytes()
+    raise AudioError("unknown audio encoding %r" % (encoding,))
+
+
+class Resampler:
+    """Streaming conversion from a client's sample rate to the model's."""
+
+    def __init__(self, in_rate, out_rate):
+        import soxr
+
+        self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32",
+                                           quality="HQ")
+
+    def __call__(self, samples):
+        return self._stream.resample_chunk(samples)
+
+    def flush(self):
+        """The samples still held back, once the input has ended."""
+        return self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)

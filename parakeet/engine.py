@@ -1,0 +1,169 @@
+"""
+The model side of the server: one batched decoding step over many streams.
+
+Everything here runs on the model thread, never on the reactor thread.
+"""
+
+import re
+
+import attr
+import numpy as np
+import torch
+
+from .frontend import ChunkGeometry
+
+_CONTROL_PIECE = re.compile(r"^<[^<>]+>$")
+_WORD_START = "\u2581"
+
+
+@attr.s(frozen=True, slots=True)
+class StepResult:
+    """What one step decoded for one stream: the tokens it newly emitted."""
+
+    stream_id = attr.ib()
+    token_ids = attr.ib()
+    confidences = attr.ib()
+    text = attr.ib()  #: the text those tokens add to the transcript
+    is_last = attr.ib()
+
+
+def parse_device(device):
+    """``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available) -> (kind, index)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ValueError("unknown device %r (use cpu, cuda or cuda:N)" % (device,))
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device %r requested but CUDA is not available" % (device,))
+    return kind, int(index or 0)
+
+
+def quiet_nemo():
+    """NeMo logs every detail of model loading at INFO; keep its errors only."""
+    import logging
+
+    from nemo.utils import logging as nemo_logging
+
+    nemo_logging.setLevel(logging.ERROR)
+
+
+class Engine:
+    """A served model: chunk geometry, feature extraction and the batched step."""
+
+    def __init__(self, pipeline, model_name):
+        self.pipeline = pipeline
+        self.model_name = model_name
+        self.device = pipeline.device
+        cfg = pipeline.asr_model.asr_model.encoder.streaming_cfg
+        featurizer = pipeline.preprocessor.featurizer
+        if getattr(featurizer, "frame_splicing", 1) != 1:
+            raise ValueError("models with frame splicing cannot be streamed")
+        chunk, cache = cfg.chunk_size, cfg.pre_encode_cache_size
+        if not isinstance(chunk, (list, tuple)):
+            chunk, cache = [chunk, chunk], [cache, cache]
+        pad = featurizer.stft_pad_amount
+        self.geometry = ChunkGeometry(
+            hop=featurizer.hop_length, n_fft=featurizer.n_fft,
+            pad=featurizer.n_fft // 2 if pad is None else pad,
+            first_frames=chunk[0], chunk_frames=chunk[1], cache_frames=cache[1],
+            sample_rate=pipeline.sample_rate)
+        self._first_cache_frames = cache[0]
+        self._n_features = pipeline.asr_model.get_input_features()
+        self._feature_cache = {}
+        self._pieces = pipeline.tokenizer.ids_to_tokens
+        from nemo.collections.asr.inference.streaming.framing.request import FeatureBuffer
+        from nemo.collections.asr.inference.streaming.framing.request_options import (
+            ASRRequestOptions)
+        self._feature_buffer = FeatureBuffer
+        self._options = ASRRequestOptions()
+
+    @classmethod
+    def load(cls, model_name, device=None, num_slots=16, batch_size=16,
+             chunk_ms=None, compute_dtype=None):
+        quiet_nemo()
+        from .pipeline import ServingPipeline, pipeline_config
+
+        kind, index = parse_device(device)
+        if compute_dtype is None:
+            compute_dtype = "bfloat16" if kind == "cuda" else "float32"
+        cfg = pipeline_config(
+            model_name, device=kind, device_id=index, compute_dtype=compute_dtype,
+            num_slots=num_slots, batch_size=min(batch_size, num_slots))
+        return cls(ServingPipeline.build(cfg, chunk_ms=chunk_ms), model_name)
+
+    @property
+    def sample_rate(self):
+        return self.geometry.sample_rate
+
+    @property
+    def vocabulary_size(self):
+        return len(self.pipeline.vocabulary)
+
+    def features(self, chunks):
+        """Log-mel frames of each chunk, computed in batches of equal shape."""
+        g = self.geometry
+        skip = g.margin // g.hop
+        out = [None] * len(chunks)
+        by_size = {}
+        for i, chunk in enumerate(chunks):
+            by_size.setdefault(chunk.n_frames, []).append(i)
+        for n_frames, rows in by_size.items():
+            signal = torch.from_numpy(
+                np.stack([chunks[i].samples for i in rows])).to(self.device)
+            length = torch.tensor([chunks[i].valid_samples for i in rows],
+                                  device=self.device)
+            feats, _ = self.pipeline.preprocessor(input_signal=signal, length=length)
+            feats = feats[:, :, skip:skip + n_frames]
+            for j, i in enumerate(rows):
+                out[i] = feats[j]
+        return out
+
+    def _buffer(self, chunk, feats):
+        g = self.geometry
+        if chunk.is_first:
+            previous = feats.new_zeros(self._n_features, self._first_cache_frames)
+        else:
+            previous = self._feature_cache.pop(chunk.stream_id)
+        cache_len = previous.shape[1]
+        buffer = torch.cat([previous, feats], dim=1)
+        if not chunk.is_last:
+            tail = buffer[:, -g.cache_frames:]
+            if tail.shape[1] < g.cache_frames:
+                tail = torch.cat([tail.new_zeros(self._n_features, g.cache_frames - tail.shape[1]), tail], 1)
+            self._feature_cache[chunk.stream_id] = tail
+        return self._feature_buffer(
+            features=buffer, stream_id=chunk.stream_id, is_first=chunk.is_first,
+            is_last=chunk.is_last, length=cache_len + chunk.valid_frames,
+            options=self._options if chunk.is_first else None)
+
+    def text_of(self, token_ids):
+        """The text token_ids add to a transcript (control tokens left out)."""
+        pieces = self._pieces(token_ids) if token_ids else []
+        return "".join(p.replace(_WORD_START, " ") for p in pieces
+                       if not _CONTROL_PIECE.match(p))
+
+    def step(self, chunks):
+        """Decode one chunk of each stream; returns one StepResult per chunk."""
+        results = {}
+        work = []
+        for chunk in chunks:
+            if chunk.is_first and chunk.is_last and chunk.valid_frames == 0:
+                # Shorter than one frame: offline decoding yields nothing either.
+                results[chunk.stream_id] = StepResult(chunk.stream_id, [], [], "", True)
+            else:
+                work.append(chunk)
+        if work:
+            with torch.inference_mode():
+                feats = self.features(work)
+                buffers = [self._buffer(c, f) for c, f in zip(work, feats)]
+                self.pipeline.transcribe_step(buffers)
+            emitted = self.pipeline.emitted
+            for chunk in work:
+                e = emitted.get(chunk.stream_id)
+                tokens = e.token_ids if e else []
+                results[chunk.stream_id] = StepResult(
+                    chunk.stream_id, tokens, e.confidences if e else [],
+                    self.text_of(tokens), chunk.is_last)
+        return [results[c.stream_id] for c in chunks]
+

@@ -1,0 +1,71 @@
+"""
+Which checkpoint to serve, and loading it with nemo_toolkit's own loaders.
+"""
+
+import os
+
+#: ``--model-size`` names and the checkpoints they stand for.
+MODEL_SIZES = {
+    "small": "nvidia/parakeet_realtime_eou_120m-v1",
+    "large": "nvidia/nemotron-speech-streaming-en-0.6b",
+}
+
+
+class ModelUnavailable(Exception):
+    """The checkpoint can be neither found locally nor downloaded."""
+
+
+def resolve_model(model=None, model_size="small"):
+    """The name or path to load: ``--model`` wins over ``--model-size``."""
+    if model:
+        return model
+    try:
+        return MODEL_SIZES[model_size]
+    except KeyError:
+        raise ValueError("unknown model size %r (choose from %s)"
+                         % (model_size, ", ".join(sorted(MODEL_SIZES))))
+
+
+def _is_path(name):
+    return name.endswith(".nemo") or os.path.exists(os.path.expanduser(name))
+
+
+def unavailable_message(name, cause):
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    return (
+        "cannot load model %s: it is not in the Hugging Face cache (%s) and could "
+        "not be downloaded (%s). Run once with internet access to cache it, point "
+        "HF_HOME or HF_HUB_CACHE at a cache that holds it, or pass "
+        "--model /path/to/model.nemo." % (name, hub, cause))
+
+
+def load_asr_model(name, map_location):
+    """Load a NeMo ASR model by Hugging Face id or local ``.nemo`` path.
+
+    Raises :class:`ModelUnavailable` with a one-line explanation when the
+    weights are neither on disk nor downloadable.
+    """
+    from nemo.collections.asr.models import ASRModel
+
+    if _is_path(name):
+        path = os.path.expanduser(name)
+        if not os.path.isfile(path):
+            raise ModelUnavailable("cannot load model %s: no such file" % (name,))
+        try:
+            model = ASRModel.restore_from(path, map_location=map_location)
+        except Exception as e:
+            raise ModelUnavailable("cannot load model %s: not a usable .nemo "
+                                   "checkpoint (%s)" % (name, _one_line(e)))
+    else:
+        try:
+            model = ASRModel.from_pretrained(name, map_location=map_location)
+        except Exception as e:
+            raise ModelUnavailable(unavailable_message(name, _one_line(e)))
+    model.eval()
+    return model
+
+
+def _one_line(exc):
+    text = str(exc).strip().splitlines()
+    return "%s: %s" % (type(exc).__name__, text[0] if text else "")

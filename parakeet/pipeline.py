@@ -1,0 +1,190 @@
+"""
+nemo_toolkit 3.0's cache-aware RNNT serving pipeline, adapted for a server.
+
+What the server takes from ``nemo.collections.asr.inference`` as it is: the
+inference wrapper (model loading, decoding strategy, dtype, the batched
+``stream_step`` over encoder caches and partial RNNT hypotheses), the
+pipeline's per-stream states, its cache-slot context manager, its
+``transcribe_step`` over ``FeatureBuffer`` requests and its greedy decoder.
+
+What :class:`ServingPipeline` changes, each because the stock pipeline falls
+short for a server:
+
+* Features come from :mod:`parakeet.frontend` as exact per-chunk feature
+  buffers (``FeatureBuffer`` requests) instead of the pipeline's own
+  bufferer, whose chunk-local mel frames and padded first chunk make
+  streaming differ from offline decoding of the same audio.
+* The first chunk of a stream is run the way NeMo's own cache-aware
+  streaming runs it: without pre-encode cache and without dropping
+  pre-encoded frames.  The stock pipeline pads it to a regular chunk, which
+  moves every later chunk boundary.
+* Each step records, per stream, the tokens, confidences and frame indices
+  it emitted, for the server's results.  The stock pipeline keeps them only
+  until the next end of utterance and reports text.
+* The partial transcript the stock pipeline re-detokenises from every token
+  since the last end of utterance on every step (work that grows with the
+  stream) is not computed: the server builds text incrementally from the
+  emitted tokens.
+"""
+
+import attr
+from omegaconf import OmegaConf
+
+from nemo.collections.asr.inference.factory.cache_aware_pipeline_builder import (
+    CacheAwarePipelineBuilder,
+)
+from nemo.collections.asr.inference.model_wrappers.cache_aware_rnnt_inference_wrapper import (
+    CacheAwareRNNTInferenceWrapper,
+)
+from nemo.collections.asr.inference.pipelines.cache_aware_rnnt_pipeline import (
+    CacheAwareRNNTPipeline,
+)
+
+from .models import load_asr_model
+
+
+def pipeline_config(model_name, device="cpu", device_id=0, compute_dtype="float32",
+                    num_slots=16, batch_size=16, max_symbols=10):
+    """The DictConfig the NeMo pipeline classes read, for one served model."""
+    return OmegaConf.create({
+        "pipeline_type": "cache_aware",
+        "asr_decoding_type": "rnnt",
+        "asr": {
+            "model_name": model_name,
+            "device": device,
+            "device_id": device_id,
+            "compute_dtype": compute_dtype,
+            "use_amp": False,
+            "decoding": {
+                "strategy": "greedy_batch",
+                "preserve_alignments": False,
+                "fused_batch_size": -1,
+                "greedy": {
+                    "max_symbols": max_symbols,
+                    "preserve_frame_confidence": True,
+                    # NeMo's own serving configuration keeps this off.
+                    "use_cuda_graph_decoder": False,
+                },
+            },
+        },
+        "confidence": {
+            "exclude_blank": True,
+            "aggregation": "mean",
+            "method_cfg": {"name": "entropy", "entropy_type": "tsallis",
+                           "alpha": 0.33, "entropy_norm": "exp"},
+        },
+        "streaming": {
+            "sample_rate": 16000,
+            "batch_size": batch_size,
+            "num_slots": num_slots,
+            "att_context_size": None,  # the model's own, unless build() picks one
+            "use_cache": True,
+            "use_feat_cache": True,
+            "word_boundary_tolerance": 4,
+            "request_type": "feature_buffer",
+            "chunk_size_in_secs": None,
+        },
+        "itn": {"batch_size": 32, "n_jobs": 1, "left_padding_size": 4},
+        "enable_itn": False,
+        "enable_nmt": False,
+        "nmt": None,
+        "asr_output_granularity": "segment",
+        "endpointing": {"stop_history_eou": -1, "residue_tokens_at_end": 0},
+        "return_tail_result": False,
+        "cache_dir": None,
+    })
+
+
+def att_context_for(asr, chunk_ms):
+    """The attention context [left, look-ahead] whose chunks are chunk_ms long."""
+    encoder = asr.asr_model.encoder
+    frame_ms = asr.get_model_stride(in_milliseconds=True)
+    left = encoder.att_context_size[0]
+    supported = [list(c) for c in getattr(encoder, "att_context_size_all", None)
+                 or [encoder.att_context_size]]
+    choices = {round((c[1] + 1) * frame_ms): c for c in supported if c[0] == left}
+    if chunk_ms not in choices:
+        raise ValueError("the model cannot run %d ms chunks; it was trained for %s ms"
+                         % (chunk_ms, ", ".join(str(ms) for ms in sorted(choices))))
+    return choices[chunk_ms]
+
+
+class ServingModel(CacheAwareRNNTInferenceWrapper):
+    """The NeMo wrapper, loading through :func:`parakeet.models.load_asr_model`."""
+
+    def load_model(self, model_name, map_location):
+        return load_asr_model(model_name, map_location)
+
+
+@attr.s(slots=True)
+class Emitted:
+    """What one step decoded for one stream."""
+
+    token_ids = attr.ib(factory=list)
+    confidences = attr.ib(factory=list)
+    frames = attr.ib(factory=list)
+
+
+def _as_list(values):
+    if values is None:
+        return None
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+class ServingPipeline(CacheAwareRNNTPipeline):
+
+    def __init__(self, cfg, asr_model):
+        super().__init__(cfg, asr_model)
+        self._drop_extra_pre_encoded = self.asr_model.drop_extra_pre_encoded
+        self.emitted = {}
+
+    @classmethod
+    def build(cls, cfg, chunk_ms=None):
+        """Load the model named in cfg and build the pipeline around it.
+
+        chunk_ms picks one of the look-aheads a multi-look-ahead model was
+        trained with; ValueError if the model has no such chunk size.
+        """
+        decoding_cfg = CacheAwarePipelineBuilder.get_rnnt_decoding_cfg(cfg)
+        asr = ServingModel(
+            model_name=cfg.asr.model_name, decoding_cfg=decoding_cfg,
+            device=cfg.asr.device, device_id=cfg.asr.device_id,
+            compute_dtype=cfg.asr.compute_dtype, use_amp=cfg.asr.use_amp)
+        if chunk_ms is not None:
+            cfg.streaming.att_context_size = att_context_for(asr, chunk_ms)
+        return cls(cfg, asr)
+
+    def transcribe_step_for_feature_buffers(self, fbuffers):
+        self.emitted = {}
+        groups = {}
+        for fbuffer in fbuffers:
+            groups.setdefault((fbuffer.is_first, fbuffer.is_last), []).append(fbuffer)
+        ready_state_ids = set()
+        for (is_first, is_last), group in groups.items():
+            paddings = [f.size - f.valid_size for f in group] if is_last else None
+            self.cache_aware_transcribe_step(
+                group, [f.features for f in group], paddings, ready_state_ids,
+                keep_all_outputs=is_last)
+        if ready_state_ids:
+            self.text_processor.process([self.get_state(s) for s in ready_state_ids])
+
+    def cache_aware_transcribe_step(self, requests, features, right_paddings,
+                                    ready_state_ids, keep_all_outputs=False):
+        # A first chunk carries no pre-encode cache, so no pre-encoded frames
+        # are dropped from it; groups never mix first and later chunks.
+        self.asr_model.drop_extra_pre_encoded = (
+            0 if requests[0].is_first else self._drop_extra_pre_encoded)
+        super().cache_aware_transcribe_step(
+            requests, features, right_paddings, ready_state_ids, keep_all_outputs)
+
+    def run_greedy_decoder(self, state, request, hyp):
+        start = state.offset
+        tokens = _as_list(hyp.y_sequence)[start:]
+        confidences = _as_list(hyp.non_blank_step_confidence_precomputed)
+        confidences = confidences[start:] if confidences is not None else [0.0] * len(tokens)
+        self.emitted[request.stream_id] = Emitted(
+            tokens, [float(c) for c in confidences], _as_list(hyp.timestamp)[start:])
+        return super().run_greedy_decoder(state, request, hyp)
+
+    def update_partial_transcript(self, requests, tokenizer, leading_regex_pattern):
+        """Not needed: the server detokenises each step's new tokens once."""

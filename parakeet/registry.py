@@ -1,0 +1,115 @@
+"""
+The streams the server holds, shared by every transport.
+"""
+
+from collections import OrderedDict
+
+import attr
+from twisted.logger import Logger
+
+from .audio import Resampler
+from .frontend import ChunkCutter
+
+
+class RegistryFull(Exception):
+    """Every streaming state is taken."""
+
+
+@attr.s(eq=False)
+class Stream:
+    """One client's stream: its audio on the model's chunk grid and its transcript."""
+
+    id = attr.ib()
+    peer = attr.ib()
+    transport = attr.ib()          #: "tcp" or "websocket"
+    listener = attr.ib(repr=False)  #: gets stream_result(stream, result)
+    cutter = attr.ib(repr=False)
+    input_rate = attr.ib()
+    opened_at = attr.ib()
+    resampler = attr.ib(default=None, repr=False)
+    received = attr.ib(default=0)   #: samples received, at the input rate
+    text = attr.ib(default="")      #: transcript so far
+    end_reason = attr.ib(default=None)  #: why it is finishing, once it is
+
+    @property
+    def finishing(self):
+        return self.end_reason is not None
+
+    @property
+    def audio_seconds(self):
+        return self.received / self.input_rate
+
+    def push(self, samples):
+        self.received += len(samples)
+        if self.resampler is not None:
+            samples = self.resampler(samples)
+        self.cutter.push(samples)
+
+    def finish(self, reason):
+        """No more audio: what was received is decoded to the end."""
+        if self.finishing:
+            return
+        self.end_reason = reason
+        if self.resampler is not None:
+            self.cutter.push(self.resampler.flush())
+        self.cutter.finish()
+
+
+class StreamRegistry:
+    """Streams by id, up to a capacity; ordered so every stream gets its turn."""
+
+    log = Logger()
+
+    def __init__(self, capacity, geometry, input_rate, clock):
+        self.capacity = capacity
+        self.geometry = geometry
+        self.input_rate = input_rate
+        self.clock = clock
+        self._streams = OrderedDict()
+        self._next_id = 1
+        self.opened = 0
+
+    def __len__(self):
+        return len(self._streams)
+
+    def __contains__(self, stream):
+        return self._streams.get(stream.id) is stream
+
+    def get(self, stream_id):
+        return self._streams.get(stream_id)
+
+    def open(self, peer, transport, listener):
+        if len(self._streams) >= self.capacity:
+            raise RegistryFull()
+        stream_id = self._next_id
+        self._next_id += 1
+        resampler = None
+        if self.input_rate != self.geometry.sample_rate:
+            resampler = Resampler(self.input_rate, self.geometry.sample_rate)
+        stream = Stream(stream_id, peer, transport, listener,
+                        ChunkCutter(stream_id, self.geometry), self.input_rate,
+                        self.clock.seconds(), resampler)
+        self._streams[stream_id] = stream
+        self.opened += 1
+        self.log.info("stream {stream_id} opened by {peer} over {transport}",
+                      stream_id=stream_id, peer=peer, transport=transport)
+        return stream
+
+    def release(self, stream):
+        if self._streams.pop(stream.id, None) is None:
+            return
+        self.log.info(
+            "stream {stream_id} closed ({reason}) for {peer}: {audio_seconds:.2f} s "
+            "of audio in {duration:.2f} s",
+            stream_id=stream.id, reason=stream.end_reason, peer=stream.peer,
+            audio_seconds=stream.audio_seconds,
+            duration=self.clock.seconds() - stream.opened_at)
+
+    def in_turn(self):
+        """Streams, least recently served first."""
+        return list(self._streams.values())
+
+    def served(self, stream):
+        """Send stream to the back of the queue."""
+        if stream.id in self._streams:
+            self._streams.move_to_end(stream.id)

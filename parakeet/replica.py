@@ -1,0 +1,223 @@
+"""
+Random-weight replicas of the cache-aware FastConformer RNNT family.
+
+A replica has the real architecture (layers, widths, attention context,
+subsampling, prediction and joint networks, vocabulary size) and a
+SentencePiece tokenizer trained on the spot, but random weights.  It is built
+entirely offline, saved as a ``.nemo`` file and loaded through the same
+``--model PATH`` route as any checkpoint, so its compute cost and its code
+path are those of the real thing.
+
+Random RNNT weights are degenerate: the joint network sees an encoder output
+that barely moves over time, so greedy decoding emits either nothing or the
+same token ``max_symbols`` times on every frame.  ``build_replica`` therefore
+re-centres the joint's encoder projection on the encoder's mean output and
+picks a blank bias for which a fraction of frames emit, so that the tokens a
+replica emits depend on the audio it hears.
+"""
+
+import os
+import random
+import string
+import tempfile
+
+import attr
+
+SAMPLE_RATE = 16000
+
+
+@attr.s(frozen=True)
+class Architecture:
+    n_layers = attr.ib()
+    d_model = attr.ib()
+    n_heads = attr.ib()
+    features = attr.ib()
+    subsampling_channels = attr.ib()
+    pred_hidden = attr.ib()
+    pred_layers = attr.ib()
+    joint_hidden = attr.ib()
+    vocab_size = attr.ib()
+    att_context_size = attr.ib(default=(70, 1))
+    conv_kernel_size = attr.ib(default=9)
+    eou_token = attr.ib(default=True)
+
+
+#: Published shapes of the two checkpoints the server serves by name, and a
+#: tiny member of the same family that the tests build in seconds.
+ARCHITECTURES = {
+    "small": Architecture(
+        n_layers=17, d_model=512, n_heads=8, features=128,
+        subsampling_channels=256, pred_hidden=640, pred_layers=1,
+        joint_hidden=640, vocab_size=1026),
+    "large": Architecture(
+        n_layers=24, d_model=1024, n_heads=8, features=128,
+        subsampling_channels=256, pred_hidden=640, pred_layers=2,
+        joint_hidden=640, vocab_size=1024, eou_token=False),
+    "tiny": Architecture(
+        n_layers=2, d_model=64, n_heads=4, features=80,
+        subsampling_channels=32, pred_hidden=64, pred_layers=1,
+        joint_hidden=64, vocab_size=64),
+}
+
+
+def _corpus(path, vocab_size, seed):
+    """Write pseudo-text rich enough for a BPE vocabulary of vocab_size."""
+    rng = random.Random(seed)
+    n_words = max(300, vocab_size * 3)
+    words = []
+    for _ in range(n_words):
+        length = rng.randint(2, 9)
+        words.append("".join(rng.choice(string.ascii_lowercase)
+                             for _ in range(length)))
+    weights = [1.0 / (rank + 1) for rank in range(len(words))]
+    with open(path, "w") as f:
+        for _ in range(max(2000, vocab_size * 20)):
+            f.write(" ".join(rng.choices(words, weights, k=12)) + "\n")
+
+
+def train_tokenizer(directory, vocab_size, eou_token=True, seed=0):
+    """Train a SentencePiece BPE tokenizer laid out the way NeMo loads it."""
+    import sentencepiece
+
+    os.makedirs(directory, exist_ok=True)
+    corpus = os.path.join(directory, "corpus.txt")
+    _corpus(corpus, vocab_size, seed)
+    # The joint network adds the blank; the tokenizer holds the rest.
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus, model_prefix=os.path.join(directory, "tokenizer"),
+        vocab_size=vocab_size - 1, model_type="bpe", character_coverage=1.0,
+        bos_id=-1, eos_id=-1, unk_id=0,
+        user_defined_symbols=["<EOU>"] if eou_token else [],
+        hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    processor = sentencepiece.SentencePieceProcessor(
+        model_file=os.path.join(directory, "tokenizer.model"))
+    with open(os.path.join(directory, "vocab.txt"), "w") as f:
+        for i in range(processor.get_piece_size()):
+            f.write(processor.id_to_piece(i) + "\n")
+    os.remove(corpus)
+    return directory
+
+
+def model_config(arch, tokenizer_dir):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "sample_rate": SAMPLE_RATE,
+        "model_defaults": {
+            "enc_hidden": arch.d_model,
+            "pred_hidden": arch.pred_hidden,
+            "joint_hidden": arch.joint_hidden,
+        },
+        "tokenizer": {"dir": tokenizer_dir, "type": "bpe"},
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": SAMPLE_RATE, "normalize": "NA",
+            "window_size": 0.025, "window_stride": 0.01, "window": "hann",
+            "features": arch.features, "n_fft": 512, "frame_splicing": 1,
+            "dither": 0.0, "pad_to": 0,
+        },
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+            "feat_in": arch.features, "feat_out": -1,
+            "n_layers": arch.n_layers, "d_model": arch.d_model,
+            "subsampling": "dw_striding", "subsampling_factor": 8,
+            "subsampling_conv_channels": arch.subsampling_channels,
+            "causal_downsampling": True, "ff_expansion_factor": 4,
+            "self_attention_model": "rel_pos", "n_heads": arch.n_heads,
+            "att_context_size": list(arch.att_context_size),
+            "att_context_style": "chunked_limited", "xscaling": True,
+            "pos_emb_max_len": 5000,
+            "conv_kernel_size": arch.conv_kernel_size,
+            "conv_norm_type": "layer_norm", "conv_context_size": "causal",
+            "dropout": 0.0, "dropout_pre_encoder": 0.0, "dropout_emb": 0.0,
+            "dropout_att": 0.0,
+        },
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.RNNTDecoder",
+            "normalization_mode": None, "random_state_sampling": False,
+            "blank_as_pad": True,
+            "prednet": {"pred_hidden": arch.pred_hidden,
+                        "pred_rnn_layers": arch.pred_layers,
+                        "t_max": None, "dropout": 0.0},
+        },
+        "joint": {
+            "_target_": "nemo.collections.asr.modules.RNNTJoint",
+            "log_softmax": None, "preserve_memory": False,
+            "fuse_loss_wer": False,
+            "jointnet": {"joint_hidden": arch.joint_hidden,
+                         "activation": "relu", "dropout": 0.0},
+        },
+        "decoding": {"strategy": "greedy_batch", "greedy": {"max_symbols": 10}},
+        "loss": {"loss_name": "default"},
+        "optim": None,
+    })
+
+
+def calibration_audio(seed, seconds=3.0):
+    """Gated, frequency-modulated tones in noise: cheap stand-ins for speech."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
+    f0 = rng.uniform(100, 300)
+    wobble = 200 * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t)
+    gate = np.sin(2 * np.pi * rng.uniform(0.5, 3.0) * t) > 0
+    tone = 0.3 * np.sin(2 * np.pi * (f0 + wobble) * t) * gate
+    return (tone + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def _calibrate_joint(model, emit_fraction=0.3):
+    import torch
+
+    def encode(audio):
+        signal = torch.from_numpy(audio)[None]
+        length = torch.tensor([signal.shape[1]])
+        feats, feat_len = model.preprocessor(input_signal=signal, length=length)
+        return model.encoder(audio_signal=feats, length=feat_len)
+
+    with torch.no_grad():
+        encoded = torch.cat([encode(calibration_audio(s))[0] for s in range(4)], dim=2)
+        mean = encoded.mean(dim=(0, 2))
+        spread = encoded.std(dim=2).mean()
+        proj = model.joint.enc
+        weight = proj.weight * (4.0 / spread)
+        proj.weight.copy_(weight)
+        proj.bias.sub_(weight @ mean)
+        out = model.joint.joint_net[-1]
+        probe = calibration_audio(99)
+        enc, enc_len = encode(probe)
+        frames = int(enc_len[0])
+        base = out.bias[-1].clone()
+        best = None
+        for shift in range(0, 40):
+            out.bias[-1] = base + shift
+            hyp = model.decoding.rnnt_decoder_predictions_tensor(
+                enc, enc_len, return_hypotheses=True)[0]
+            emitting = len(set(hyp.timestamp.tolist() if hasattr(hyp.timestamp, "tolist")
+                               else hyp.timestamp))
+            fraction = emitting / frames
+            if best is None or abs(fraction - emit_fraction) < abs(best[1] - emit_fraction):
+                best = (shift, fraction)
+            if fraction < emit_fraction:
+                break
+        out.bias[-1] = base + best[0]
+
+
+def build_replica(name_or_arch, path, seed=0):
+    """Build a random-weight replica and save it as a ``.nemo`` file at path."""
+    import torch
+    from nemo.collections.asr.models import EncDecRNNTBPEModel
+
+    arch = ARCHITECTURES[name_or_arch] if isinstance(name_or_arch, str) else name_or_arch
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_dir = train_tokenizer(
+            os.path.join(scratch, "tokenizer"), arch.vocab_size,
+            eou_token=arch.eou_token, seed=seed)
+        model = EncDecRNNTBPEModel(cfg=model_config(arch, tokenizer_dir))
+        model.eval()
+        _calibrate_joint(model)
+        tmp = path + ".partial"
+        model.save_to(tmp)
+    os.replace(tmp, path)
+    return path

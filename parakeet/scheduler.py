@@ -1,0 +1,119 @@
+"""
+The decode loop: batches ready chunks of every stream into one model step.
+
+A ``LoopingCall`` on the reactor ticks every few milliseconds.  A tick takes
+the next chunk of each stream whose audio for it has arrived (up to
+``max_batch`` streams, least recently served first) and runs one batched
+engine step on the model thread, a dedicated one-thread pool.  Results come
+back on the reactor thread.  At most one step is in flight; when it finishes
+the loop looks for the next batch at once rather than waiting for a tick.
+"""
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+
+class DecodeLoop(service.Service):
+
+    log = Logger()
+
+    def __init__(self, engine, registry, reactor, interval=0.01, max_batch=None,
+                 run_step=None):
+        """run_step(function, chunks) -> Deferred runs a step off the reactor
+        thread; by default on the loop's own one-thread pool."""
+        self.engine = engine
+        self.registry = registry
+        self.reactor = reactor
+        self.interval = interval
+        self.max_batch = max_batch or registry.capacity
+        self.pool = None
+        if run_step is None:
+            self.pool = ThreadPool(1, 1, "parakeet-model")
+            run_step = lambda f, *args: deferToThreadPool(reactor, self.pool, f, *args)
+        self._run_step = run_step
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._in_flight = None
+        self.steps = 0
+
+    @property
+    def busy(self):
+        return self._in_flight is not None
+
+    def startService(self):
+        service.Service.startService(self)
+        if self.pool is not None:
+            self.pool.start()
+        self._loop.start(self.interval, now=False)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._loop.running:
+            self._loop.stop()
+        while self._in_flight is not None:
+            yield self._in_flight
+        if self.pool is not None:
+            self.pool.stop()
+
+    def _tick(self):
+        try:
+            self.step()
+        except Exception:
+            self.log.failure("decode loop tick failed")
+
+    def _collect(self):
+        streams, chunks = [], []
+        for stream in self.registry.in_turn():
+            if len(chunks) >= self.max_batch:
+                break
+            chunk = stream.cutter.next_chunk()
+            if chunk is not None:
+                streams.append(stream)
+                chunks.append(chunk)
+        return streams, chunks
+
+    def step(self):
+        """Start a model step if none is running and some stream has a chunk ready."""
+        if self._in_flight is not None:
+            return
+        streams, chunks = self._collect()
+        if not chunks:
+            return
+        for stream in streams:
+            self.registry.served(stream)
+        self.steps += 1
+        # Assigned before the callbacks: a synchronous run_step fires at once.
+        self._in_flight = self._run_step(self.engine.step, chunks)
+        self._in_flight.addCallbacks(self._deliver, self._failed,
+                                     callbackArgs=(streams,), errbackArgs=(streams,))
+        self._in_flight.addBoth(self._finished)
+
+    def _deliver(self, results, streams):
+        for stream, result in zip(streams, results):
+            stream.text += result.text
+            if result.is_last:
+                self.registry.release(stream)
+            try:
+                stream.listener.stream_result(stream, result)
+            except Exception:
+                self.log.failure("delivering a result of stream {stream_id} failed",
+                                 stream_id=stream.id)
+
+    def _failed(self, failure, streams):
+        self.log.failure("decoding step failed for streams {stream_ids}", failure,
+                         stream_ids=[s.id for s in streams])
+        for stream in streams:
+            stream.end_reason = stream.end_reason or "engine error"
+            self.registry.release(stream)
+            stream.listener.stream_failed(stream, "decoding failed: %s"
+                                          % (failure.getErrorMessage(),))
+
+    def _finished(self, _):
+        self._in_flight = None
+        if self.running:
+            self.reactor.callLater(0, self._tick)

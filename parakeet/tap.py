@@ -1,0 +1,144 @@
+"""
+The server's options and service tree, shared by ``parakeet-server serve``
+and ``twistd parakeet``.
+"""
+
+import sys
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from . import __version__
+from .models import MODEL_SIZES
+
+log = Logger()
+
+
+def _port(value):
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("a port is a number from 0 to 65535")
+    return port
+
+
+def _positive(kind):
+    def coerce(value):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError("must be greater than zero")
+        return number
+    return coerce
+
+
+def _sample_rate(value):
+    rate = int(value)
+    if not 8000 <= rate <= 48000:
+        raise ValueError("the sample rate must be between 8000 and 48000 Hz")
+    return rate
+
+
+def _model_size(value):
+    if value not in MODEL_SIZES:
+        raise ValueError("choose one of: %s" % ", ".join(sorted(MODEL_SIZES)))
+    return value
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Serve streaming speech recognition to TCP (newline-delimited "
+                "JSON) and WebSocket clients with an NVIDIA cache-aware streaming "
+                "FastConformer RNNT model.")
+
+    optParameters = [
+        ("host", None, "0.0.0.0", "Interface to listen on."),
+        ("port", None, 8765, "TCP port (newline-delimited JSON); 0 picks a free one.", _port),
+        ("ws-port", None, 8000, "WebSocket port (one JSON object per message); "
+         "0 picks a free one.", _port),
+        ("status-port", None, None, "One-shot status port, off unless given.", _port),
+        ("model-size", None, "small",
+         "Model to serve: small (%s) or large (%s)."
+         % (MODEL_SIZES["small"], MODEL_SIZES["large"]), _model_size),
+        ("model", None, None, "A Hugging Face model id or a local .nemo file of "
+         "any NeMo cache-aware RNNT model; overrides --model-size."),
+        ("device", None, None, "PyTorch device: cpu, cuda or cuda:N "
+         "[default: cuda when available, else cpu]."),
+        ("sample-rate", None, 16000, "Sample rate of the audio clients send, in Hz "
+         "(8000-48000); resampled to the model's rate when different.", _sample_rate),
+        ("max-num-streams", None, 100, "Most concurrent streams; more are refused.",
+         _positive(int)),
+        ("max-stream-seconds", None, 300.0, "Most audio one stream may send, in "
+         "seconds; the stream is finalized when it is reached.", _positive(float)),
+        ("max-message-bytes", None, 1 << 20, "Largest client message (a TCP line or "
+         "a WebSocket message), in bytes.", _positive(int)),
+        ("max-batch", None, None, "Most streams decoded in one model step "
+         "[default: --max-num-streams].", _positive(int)),
+        ("chunk-ms", None, None, "Audio per model step in ms, for models trained "
+         "with several look-aheads (80, 160, 560 or 1120 for the large model) "
+         "[default: the model's own].", _positive(int)),
+    ]
+
+    def postOptions(self):
+        if self["max-batch"] is None:
+            self["max-batch"] = self["max-num-streams"]
+
+    def opt_version(self):
+        """Print the version and exit."""
+        print("parakeet-server %s" % (__version__,))
+        sys.exit(0)
+
+
+def load_engine(config):
+    """The engine for config; exits with one line if the model cannot be had."""
+    from .engine import Engine
+    from .models import ModelUnavailable, resolve_model
+
+    name = resolve_model(config["model"], config["model-size"])
+    try:
+        return Engine.load(
+            name, device=config["device"], num_slots=config["max-num-streams"],
+            batch_size=config["max-batch"], chunk_ms=config["chunk-ms"])
+    except (ModelUnavailable, ValueError) as e:
+        sys.stderr.write("parakeet-server: %s\n" % (e,))
+        sys.stderr.flush()
+        raise SystemExit(1)
+
+
+def makeService(config, reactor=None, engine=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    from .protocol import Limits
+    from .registry import StreamRegistry
+    from .scheduler import DecodeLoop
+    from .transports import (
+        Listener, StatusFactory, StreamLineFactory, StreamWebSocketFactory, tcp_endpoint)
+
+    log.info("parakeet-server {version} starting: {settings}", version=__version__,
+             settings=" ".join("--%s=%s" % (k, config[k]) for k in sorted(config)
+                               if k not in ("help", "version")))
+    if engine is None:
+        engine = load_engine(config)
+    log.info("serving {model} on {device}: {chunk_ms:.0f} ms chunks, "
+             "{rate} Hz model audio", model=engine.model_name, device=engine.device,
+             chunk_ms=engine.geometry.chunk_seconds * 1000, rate=engine.sample_rate)
+
+    top = service.MultiService()
+    registry = StreamRegistry(config["max-num-streams"], engine.geometry,
+                              config["sample-rate"], reactor)
+    loop = DecodeLoop(engine, registry, reactor, max_batch=config["max-batch"])
+    loop.setName("decoder")
+    loop.setServiceParent(top)
+    limits = Limits(max_stream_seconds=config["max-stream-seconds"],
+                    max_message_bytes=config["max-message-bytes"])
+    host = config["host"]
+    Listener(reactor, tcp_endpoint(host, config["port"]),
+             StreamLineFactory(registry, loop, limits, reactor),
+             "TCP clients").setServiceParent(top)
+    Listener(reactor, tcp_endpoint(host, config["ws-port"]),
+             StreamWebSocketFactory(registry, loop, limits),
+             "WebSocket clients").setServiceParent(top)
+    if config["status-port"] is not None:
+        Listener(reactor, tcp_endpoint(host, config["status-port"]),
+                 StatusFactory(registry), "status checks").setServiceParent(top)
+    top.registry = registry
+    return top

@@ -1,0 +1,204 @@
+"""
+The transports: newline-delimited JSON over TCP, JSON messages over
+WebSocket, and the one-shot status port.  Each turns bytes into complete
+messages for a :class:`~parakeet.protocol.StreamSession`.
+"""
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints, protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+
+from . import messages
+from .protocol import Channel, StreamSession
+
+#: How far past the message limit a WebSocket message may go before the
+#: connection is failed (close code 1009) instead of the message refused.
+WEBSOCKET_HARD_LIMIT_FACTOR = 4
+
+
+def _peer(address):
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    return "[%s]:%d" % (host, address.port) if ":" in host else "%s:%d" % (host, address.port)
+
+
+class _Sessions:
+    """What every stream transport's factory shares: the registry and the loop."""
+
+    def __init__(self, registry, loop, limits):
+        self.registry = registry
+        self.loop = loop
+        self.limits = limits
+
+    def session(self, channel, transport):
+        return StreamSession(self.registry, self.loop, self.limits, channel, transport)
+
+
+# TCP
+
+class LineChannel(Channel):
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.peer = _peer(proto.transport.getPeer())
+
+    def send(self, message):
+        self.proto.sendLine(messages.encode(message))
+
+    def close(self):
+        self.proto.transport.loseConnection()
+
+
+class StreamLineProtocol(LineReceiver):
+    """One stream per TCP connection; one JSON object per ``\\n``-ended line."""
+
+    delimiter = b"\n"
+    _discarding = False
+
+    def connectionMade(self):
+        self.session = self.factory.session(LineChannel(self), "tcp")
+        self.session.connection_made()
+
+    def dataReceived(self, data):
+        if self._discarding:
+            end = data.find(self.delimiter)
+            if end < 0:
+                return
+            self._discarding = False
+            data = data[end + 1:]
+        LineReceiver.dataReceived(self, data)
+
+    def lineReceived(self, line):
+        if line.strip():
+            self.session.message_received(line)
+
+    def lineLengthExceeded(self, line):
+        # Refuse the line, skip to its end, and carry on with the next one.
+        self.session.message_too_large()
+        end = line.find(self.delimiter)
+        if end < 0:
+            self._discarding = True
+        elif end + 1 < len(line):
+            self.factory.reactor.callLater(0, self.dataReceived, line[end + 1:])
+
+    def connectionLost(self, reason):
+        self.session.connection_lost()
+
+
+class StreamLineFactory(_Sessions, protocol.Factory):
+    protocol = StreamLineProtocol
+
+    def __init__(self, registry, loop, limits, reactor):
+        _Sessions.__init__(self, registry, loop, limits)
+        self.reactor = reactor
+
+    def buildProtocol(self, addr):
+        proto = protocol.Factory.buildProtocol(self, addr)
+        proto.MAX_LENGTH = self.limits.max_message_bytes
+        return proto
+
+
+# WebSocket
+
+class WebSocketChannel(Channel):
+
+    def __init__(self, proto, peer):
+        self.proto = proto
+        self.peer = peer
+
+    def send(self, message):
+        self.proto.sendMessage(messages.encode(message), isBinary=False)
+
+    def close(self):
+        self.proto.sendClose(code=1000)
+
+
+class StreamWebSocketProtocol(WebSocketServerProtocol):
+    """One stream per WebSocket connection; one JSON object per message."""
+
+    session = None
+
+    def onConnect(self, request):
+        self._peer_text = _peer(self.transport.getPeer())
+
+    def onOpen(self):
+        self.session = self.factory.session(
+            WebSocketChannel(self, self._peer_text), "websocket")
+        self.session.connection_made()
+
+    def onMessage(self, payload, isBinary):
+        if self.session is None:
+            return
+        if len(payload) > self.factory.limits.max_message_bytes:
+            self.session.message_too_large(len(payload))
+        elif isBinary:
+            self.session.channel.send(messages.error(
+                "binary messages are not supported: send JSON text messages"))
+        else:
+            self.session.message_received(payload)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is not None:
+            self.session.connection_lost()
+
+
+class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
+    protocol = StreamWebSocketProtocol
+
+    def __init__(self, registry, loop, limits):
+        _Sessions.__init__(self, registry, loop, limits)
+        WebSocketServerFactory.__init__(self)
+        hard = limits.max_message_bytes * WEBSOCKET_HARD_LIMIT_FACTOR
+        self.setProtocolOptions(maxMessagePayloadSize=hard, maxFramePayloadSize=hard)
+
+
+# Status
+
+class StatusProtocol(protocol.Protocol):
+    """Writes one status line and closes."""
+
+    def connectionMade(self):
+        status = messages.status(len(self.factory.registry))
+        self.transport.write(messages.encode(status) + b"\n")
+        self.transport.loseConnection()
+
+
+class StatusFactory(protocol.Factory):
+    protocol = StatusProtocol
+
+    def __init__(self, registry):
+        self.registry = registry
+
+
+# Listening
+
+def tcp_endpoint(host, port):
+    return "tcp:%d:interface=%s" % (port, endpoints.quoteStringArgument(host))
+
+
+class Listener(StreamServerEndpointService):
+    """Listens on an endpoint string, logs where, and fails start-up if it cannot."""
+
+    log = Logger()
+    _raiseSynchronously = True
+
+    def __init__(self, reactor, description, factory, what):
+        StreamServerEndpointService.__init__(
+            self, endpoints.serverFromString(reactor, description), factory)
+        self.description = description
+        self.what = what
+        self.port = None
+        self.setName(what)
+
+    def privilegedStartService(self):
+        StreamServerEndpointService.privilegedStartService(self)
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        self.port = port
+        self.log.info("listening for {what} on {address}", what=self.what,
+                      address=_peer(port.getHost()))
+        return port

@@ -1,0 +1,29 @@
+from setuptools import setup
+
+setup(
+    name="parakeet-server",
+    version="0.1.0",
+    description="A streaming speech recognition server for NVIDIA's cache-aware "
+                "FastConformer RNNT models, built on Twisted and NeMo.",
+    long_description=open("README.rst").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["parakeet", "twisted.plugins"],
+    package_data={"twisted": ["plugins/parakeet_plugin.py"]},
+    install_requires=[
+        "twisted>=24.7",
+        "autobahn>=24.4",
+        "attrs>=23.1",
+        "numpy",
+        "torch>=2.4",
+        "nemo_toolkit[asr]==3.0.0",
+        "soxr",
+    ],
+    extras_require={
+        "test": ["hypothesis"],
+    },
+    entry_points={
+        "console_scripts": ["parakeet-server = parakeet.cli:main"],
+    },
+)

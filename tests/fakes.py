@@ -1,0 +1,56 @@
+"""Fakes for testing one layer at a time."""
+
+from parakeet.engine import StepResult
+
+
+class FakeEngine:
+    """Decodes each chunk to one token: the number of frames it held."""
+
+    def __init__(self, geometry):
+        self.geometry = geometry
+        self.batches = []
+
+    def step(self, chunks):
+        self.batches.append([c.stream_id for c in chunks])
+        return [StepResult(c.stream_id, [c.valid_frames], [0.5], " %d" % c.valid_frames,
+                           c.is_last) for c in chunks]
+
+
+class RecordingListener:
+
+    def __init__(self):
+        self.results = []
+        self.failures = []
+
+    def stream_result(self, stream, result):
+        self.results.append((stream.id, result))
+
+    def stream_failed(self, stream, reason):
+        self.failures.append((stream.id, reason))
+
+
+class FakeChannel:
+
+    def __init__(self, peer="127.0.0.1:5555"):
+        self.peer = peer
+        self.sent = []
+        self.closed = False
+
+    def send(self, message):
+        assert not self.closed, "sent after close"
+        self.sent.append(message)
+
+    def close(self):
+        self.closed = True
+
+    def of_type(self, kind):
+        return [m for m in self.sent if m["type"] == kind]
+
+
+class FakeLoop:
+
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1

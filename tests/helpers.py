@@ -1,0 +1,63 @@
+"""
+Shared test fixtures: a tiny random-weight model of the served family, built
+offline once per test run and loaded through the server's own --model path.
+"""
+
+import os
+
+import numpy as np
+
+from parakeet.frontend import ChunkGeometry
+
+_built = {}
+
+#: The chunk geometry of the FastConformer family at 160 ms chunks.
+GEOMETRY = ChunkGeometry(hop=160, n_fft=512, pad=256, first_frames=9,
+                         chunk_frames=16, cache_frames=9, sample_rate=16000)
+
+
+def tiny_model_path():
+    """Path of the tiny replica, built on first use in this run."""
+    if "tiny" not in _built:
+        from parakeet.replica import build_replica
+
+        path = os.path.abspath("tiny-replica.nemo")
+        if not os.path.exists(path):
+            build_replica("tiny", path, seed=0)
+        _built["tiny"] = path
+    return _built["tiny"]
+
+
+def load_tiny_engine(num_slots=16, batch_size=16):
+    from parakeet.engine import Engine
+
+    return Engine.load(tiny_model_path(), device="cpu", num_slots=num_slots,
+                       batch_size=batch_size)
+
+
+def shared_tiny_engine():
+    """One engine (16 slots) for the whole run; tests leave it holding nothing."""
+    if "engine" not in _built:
+        _built["engine"] = load_tiny_engine(num_slots=16, batch_size=16)
+    return _built["engine"]
+
+
+def assert_engine_idle(test, engine):
+    """engine holds no stream: every stream it saw has ended."""
+    pipeline = engine.pipeline
+    test.assertEqual(pipeline._state_pool, {})
+    test.assertEqual(pipeline.context_manager.free_slots.qsize(),
+                     pipeline.context_manager.num_slots)
+    test.assertEqual(engine._feature_cache, {})
+
+
+def speechlike(seed, seconds):
+    """Reproducible audio the tiny model emits varied tokens for."""
+    from parakeet.replica import calibration_audio
+
+    return calibration_audio(seed, seconds)
+
+
+def quantized(samples):
+    """samples as they survive pcm16 on the wire."""
+    return np.round(np.clip(samples, -1.0, 32767 / 32768) * 32768) / 32768

@@ -1,0 +1,44 @@
+import numpy as np
+from twisted.trial import unittest
+
+from parakeet.audio import AudioError, Resampler, decode_samples, encode_samples
+
+
+class CodecTests(unittest.TestCase):
+
+    def test_pcm16_round_trip(self):
+        samples = np.array([-1.0, -0.5, 0.0, 0.25, 32767 / 32768], dtype=np.float32)
+        np.testing.assert_array_equal(decode_samples(encode_samples(samples), "pcm16"), samples)
+
+    def test_pcm16_clips(self):
+        decoded = decode_samples(encode_samples(np.array([2.0, -2.0])), "pcm16")
+        np.testing.assert_array_equal(decoded, [32767 / 32768, -1.0])
+
+    def test_f32_round_trip(self):
+        samples = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+        np.testing.assert_array_equal(decode_samples(encode_samples(samples, "f32"), "f32"), samples)
+
+    def test_little_endian(self):
+        self.assertEqual(encode_samples(np.array([1 / 32768]), "pcm16"), b"\x01\x00")
+        self.assertEqual(decode_samples(b"\x00\x80", "pcm16")[0], -1.0)
+
+    def test_errors(self):
+        self.assertRaises(AudioError, decode_samples, b"\x00", "pcm16")
+        self.assertRaises(AudioError, decode_samples, b"\x00" * 6, "f32")
+        self.assertRaises(AudioError, decode_samples, b"", "opus")
+        self.assertRaises(AudioError, encode_samples, [0.0], "opus")
+
+
+class ResamplerTests(unittest.TestCase):
+
+    def test_converts_rate_in_pieces(self):
+        rate_in, rate_out = 8000, 16000
+        t = np.arange(rate_in) / rate_in
+        tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+        resample = Resampler(rate_in, rate_out)
+        out = np.concatenate([resample(tone[i:i + 1000]) for i in range(0, len(tone), 1000)]
+                             + [resample.flush()])
+        self.assertEqual(len(out), 2 * len(tone))
+        # Still a 440 Hz tone.
+        spectrum = np.abs(np.fft.rfft(out))
+        self.assertAlmostEqual(np.argmax(spectrum) * rate_out / len(out), 440, delta=2)

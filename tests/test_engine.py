@@ -1,0 +1,138 @@
+"""
+The engine on a real (tiny, random-weight) cache-aware model, through the
+NeMo pipeline and the same loading path as ``--model``.
+"""
+
+import numpy as np
+import torch
+from twisted.trial import unittest
+
+from parakeet.frontend import ChunkCutter
+
+from .helpers import assert_engine_idle, shared_tiny_engine, speechlike
+
+
+def offline_tokens(engine, audio):
+    """What the model decodes from the whole utterance at once."""
+    model = engine.pipeline.asr_model.asr_model
+    signal = torch.from_numpy(audio)[None]
+    with torch.inference_mode():
+        feats, feat_len = engine.pipeline.preprocessor(
+            input_signal=signal, length=torch.tensor([signal.shape[1]]))
+        encoded, encoded_len = model.encoder(audio_signal=feats, length=feat_len)
+        hyp = model.decoding.rnnt_decoder_predictions_tensor(
+            encoded, encoded_len, return_hypotheses=True)[0]
+    return hyp.y_sequence.tolist(), int(feat_len[0])
+
+
+def stream_alone(engine, audio, stream_id, piece=1000):
+    """Decode audio as one live stream, pushed piece by piece."""
+    cutter = ChunkCutter(stream_id, engine.geometry)
+    results = []
+    for start in range(0, len(audio), piece):
+        cutter.push(audio[start:start + piece])
+        while (chunk := cutter.next_chunk()) is not None:
+            results += engine.step([chunk])
+    cutter.finish()
+    while (chunk := cutter.next_chunk()) is not None:
+        results += engine.step([chunk])
+    return results
+
+
+def tokens_of(results):
+    return [t for r in results for t in r.token_ids]
+
+
+class EngineTests(unittest.TestCase):
+
+    def setUp(self):
+        self.engine = shared_tiny_engine()
+
+    def tearDown(self):
+        # Every stream ran to its last chunk, so the engine holds nothing.
+        assert_engine_idle(self, self.engine)
+
+    def test_geometry(self):
+        g = self.engine.geometry
+        self.assertEqual((g.hop, g.n_fft, g.first_frames, g.chunk_frames, g.cache_frames),
+                         (160, 512, 9, 16, 9))
+        self.assertEqual(self.engine.sample_rate, 16000)
+
+    def test_streaming_matches_offline(self):
+        # Lengths around the first chunk, the chunk grid and in between; the
+        # pieces the audio arrives in never line up with chunks.
+        for seconds, piece in [(0.01, 7), (0.096, 500), (0.1, 333), (0.256, 1000),
+                               (1.0, 2560), (2.0, 4000), (2.05, 777), (3.33, 1601)]:
+            audio = speechlike(int(seconds * 1000), seconds)
+            expected, _ = offline_tokens(self.engine, audio)
+            got = tokens_of(stream_alone(self.engine, audio, 1, piece))
+            self.assertEqual(got, expected, "%.3f s in pieces of %d" % (seconds, piece))
+        # Not trivially equal: the model emits, and what depends on the audio.
+        self.assertGreater(len(set(expected)), 3)
+        other, _ = offline_tokens(self.engine, speechlike(1, 3.33))
+        self.assertNotEqual(other, expected)
+
+    def test_audio_shorter_than_a_frame(self):
+        # 10 ms of audio holds no complete feature frame: the featurizer gives
+        # the encoder a zero-length input.  Offline decoding still runs the
+        # encoder over its padding; the server decodes nothing, by design.
+        audio = speechlike(5, 0.009)
+        _, frames = offline_tokens(self.engine, audio)
+        self.assertEqual(frames, 0)
+        results = stream_alone(self.engine, audio, 1)
+        self.assertEqual(len(results), 1)
+        self.assertEqual((results[0].token_ids, results[0].is_last), ([], True))
+
+    def test_batch_invariance(self):
+        # Eight streams of different lengths start and end at different
+        # times; each is decoded in batches of whatever is ready.
+        starts = [0, 0, 1, 2, 3, 5, 6, 8]
+        lengths = [2.3, 0.7, 3.1, 1.05, 2.6, 0.3, 1.9, 1.2]
+        audios = [speechlike(40 + i, s) for i, s in enumerate(lengths)]
+        alone = [tokens_of(stream_alone(self.engine, a, 100 + i))
+                 for i, a in enumerate(audios)]
+        piece = 2560  # 160 ms of audio per tick
+        cutters = [ChunkCutter(i + 1, self.engine.geometry) for i in range(8)]
+        together = [[] for _ in range(8)]
+        sizes = []
+        tick = 0
+        while not all(c.done for c in cutters):
+            chunks = []
+            for i, cutter in enumerate(cutters):
+                offset = (tick - starts[i]) * piece
+                if offset >= 0 and not cutter.finished:
+                    cutter.push(audios[i][offset:offset + piece])
+                    if offset + piece >= len(audios[i]):
+                        cutter.finish()
+                chunk = cutter.next_chunk()
+                if chunk is not None:
+                    chunks.append(chunk)
+            if chunks:
+                sizes.append(len(chunks))
+                for result in self.engine.step(chunks):
+                    together[result.stream_id - 1] += result.token_ids
+            tick += 1
+        self.assertGreaterEqual(max(sizes), 6)
+        for i in range(8):
+            self.assertEqual(together[i], alone[i], "stream %d" % i)
+
+    def test_results(self):
+        audio = speechlike(7, 2.0)
+        results = stream_alone(self.engine, audio, 1)
+        tokens = tokens_of(results)
+        self.assertEqual([r.is_last for r in results], [False] * (len(results) - 1) + [True])
+        for r in results:
+            self.assertEqual(len(r.confidences), len(r.token_ids))
+            for c in r.confidences:
+                self.assertTrue(0.0 <= c <= 1.0, c)
+        text = "".join(r.text for r in results)
+        tokenizer = self.engine.pipeline.tokenizer
+        self.assertEqual(text.split(), tokenizer.ids_to_text(tokens).split())
+
+    def test_control_tokens_stay_out_of_text(self):
+        tokenizer = self.engine.pipeline.tokenizer
+        eou = tokenizer.tokens_to_ids(["<EOU>"])[0]
+        word = tokenizer.text_to_ids("ab")
+        self.assertEqual(self.engine.text_of([eou]), "")
+        self.assertEqual(self.engine.text_of(word + [eou] + word).split(),
+                         [tokenizer.ids_to_text(word)] * 2)

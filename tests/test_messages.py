@@ -1,0 +1,94 @@
+import base64
+import json
+
+import numpy as np
+from twisted.trial import unittest
+
+from parakeet import messages
+from parakeet.audio import encode_samples
+
+
+def audio_json(samples=None, encoding="pcm16", final=None, data=None):
+    obj = {"type": "audio", "encoding": encoding}
+    if data is None:
+        data = base64.b64encode(encode_samples(samples, encoding)).decode()
+    obj["data"] = data
+    if final is not None:
+        obj["final"] = final
+    return json.dumps(obj)
+
+
+class ParseTests(unittest.TestCase):
+
+    def assertRejected(self, raw, fragment):
+        with self.assertRaises(messages.ProtocolError) as caught:
+            messages.parse(raw)
+        self.assertIn(fragment, str(caught.exception))
+
+    def test_ping_and_close(self):
+        self.assertIsInstance(messages.parse(b'{"type":"ping"}'), messages.Ping)
+        self.assertIsInstance(messages.parse('{"type": "close"}'), messages.Close)
+
+    def test_pcm16_audio(self):
+        samples = np.array([0.0, 0.5, -0.5, -1.0], dtype=np.float32)
+        message = messages.parse(audio_json(samples, final=True))
+        self.assertEqual(message.final, True)
+        np.testing.assert_array_equal(message.samples, samples)
+
+    def test_f32_audio(self):
+        samples = np.array([0.1, -0.25, 0.999], dtype=np.float32)
+        message = messages.parse(audio_json(samples, encoding="f32"))
+        self.assertEqual(message.final, False)
+        np.testing.assert_array_equal(message.samples, samples)
+
+    def test_encoding_defaults_to_pcm16(self):
+        message = messages.parse('{"type":"audio","data":"AAD/fw=="}')
+        np.testing.assert_array_equal(message.samples, [0.0, 32767 / 32768])
+
+    def test_final_without_data(self):
+        message = messages.parse('{"type":"audio","final":true}')
+        self.assertEqual(len(message.samples), 0)
+        self.assertTrue(message.final)
+
+    def test_errors(self):
+        cases = [
+            (b"\xff\xfe{", "not valid UTF-8"),
+            ("{not json", "invalid JSON"),
+            ("[1, 2]", "must be a JSON object"),
+            ('"audio"', "must be a JSON object"),
+            ("{}", "unknown message type"),
+            ('{"type": 3}', "unknown message type"),
+            ('{"type": "dance"}', "unknown message type: 'dance'"),
+            ('{"type":"audio","data":"!!!"}', "not valid base64"),
+            ('{"type":"audio","data":12}', "'data' must be a base64 string"),
+            ('{"type":"audio","data":"","encoding":"mp3"}', "unknown audio encoding 'mp3'"),
+            ('{"type":"audio","data":"","encoding":7}', "'encoding' must be a string"),
+            ('{"type":"audio","data":"AAAA","final":"yes"}', "'final' must be true or false"),
+            ('{"type":"audio","data":"AAAA"}', "even number of bytes"),
+            ('{"type":"audio","data":"AAAAAAA=","encoding":"f32"}', "multiple of 4 bytes"),
+            ("[" * 100000, "invalid JSON"),
+        ]
+        for raw, fragment in cases:
+            self.assertRejected(raw, fragment)
+
+    def test_non_finite_f32(self):
+        for bad in (np.nan, np.inf, -np.inf):
+            samples = np.array([0.0, bad], dtype=np.float32)
+            self.assertRejected(audio_json(samples, encoding="f32"), "NaN or infinite")
+
+
+class BuildTests(unittest.TestCase):
+
+    def test_result_shape(self):
+        obj = json.loads(messages.encode(messages.result(7, "hi", [1, 2], [0.5, 1.0], True)))
+        self.assertEqual(obj, {"type": "result", "stream_id": 7, "text": "hi",
+                               "token_ids": [1, 2], "confidence_scores": [0.5, 1.0],
+                               "is_final": True})
+
+    def test_others(self):
+        self.assertEqual(messages.hello(3, 16000),
+                         {"type": "hello", "stream_id": 3, "sample_rate": 16000})
+        self.assertEqual(messages.status(2), {"type": "status", "connected_streams": 2})
+        self.assertEqual(messages.error("x"), {"type": "error", "message": "x"})
+        self.assertEqual(messages.pong(), {"type": "pong"})
+        self.assertEqual(messages.encode({"type": "pong"}), b'{"type":"pong"}')
