@@ -9,8 +9,11 @@ import re
 import attr
 import numpy as np
 import torch
+from twisted.logger import Logger
 
 from .frontend import ChunkGeometry
+
+log = Logger()
 
 _CONTROL_PIECE = re.compile(r"^<[^<>]+>$")
 _WORD_START = "\u2581"
@@ -30,7 +33,11 @@ class StepResult:
 def parse_device(device):
     """``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available) -> (kind, index)."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            device = "cuda"
+        else:
+            device = "cpu"
+            log.warn("CUDA is not available: running the model on the CPU")
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
         raise ValueError("unknown device %r (use cpu, cuda or cuda:N)" % (device,))
@@ -137,6 +144,19 @@ class Engine:
             is_last=chunk.is_last, length=cache_len + chunk.valid_frames,
             options=self._options if chunk.is_first else None)
 
+    def abort(self, stream_ids):
+        """Forget streams that will get no last chunk: their NeMo state, encoder
+        cache slot and feature cache.  (NeMo's pipeline frees a stream only when
+        it processes the stream's last request.)"""
+        pipeline = self.pipeline
+        manager = pipeline.context_manager
+        held = [sid for sid in stream_ids if sid in manager.streamidx2slotidx]
+        if held:
+            manager.reset_slots(held, [True] * len(held))
+        for sid in stream_ids:
+            pipeline.delete_state(sid)
+            self._feature_cache.pop(sid, None)
+
     def text_of(self, token_ids):
         """The text token_ids add to a transcript (control tokens left out)."""
         pieces = self._pieces(token_ids) if token_ids else []
@@ -154,10 +174,15 @@ class Engine:
             else:
                 work.append(chunk)
         if work:
-            with torch.inference_mode():
-                feats = self.features(work)
-                buffers = [self._buffer(c, f) for c, f in zip(work, feats)]
-                self.pipeline.transcribe_step(buffers)
+            try:
+                with torch.inference_mode():
+                    feats = self.features(work)
+                    buffers = [self._buffer(c, f) for c, f in zip(work, feats)]
+                    self.pipeline.transcribe_step(buffers)
+            except BaseException:
+                # The batch's streams end with the error: free what they hold.
+                self.abort([c.stream_id for c in work])
+                raise
             emitted = self.pipeline.emitted
             for chunk in work:
                 e = emitted.get(chunk.stream_id)

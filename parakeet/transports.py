@@ -141,6 +141,11 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
             self.session.message_received(payload)
 
     def onClose(self, wasClean, code, reason):
+        # Autobahn leaves its closing-handshake timer running when the peer
+        # drops the TCP connection instead of answering our close frame.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         if self.session is not None:
             self.session.connection_lost()
 
@@ -152,7 +157,11 @@ class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
         _Sessions.__init__(self, registry, loop, limits)
         WebSocketServerFactory.__init__(self)
         hard = limits.max_message_bytes * WEBSOCKET_HARD_LIMIT_FACTOR
-        self.setProtocolOptions(maxMessagePayloadSize=hard, maxFramePayloadSize=hard)
+        # Text that is not UTF-8 gets an error message like any other bad
+        # input instead of failing the connection.  A connection that must
+        # fail gets a close frame saying why before the TCP connection ends.
+        self.setProtocolOptions(maxMessagePayloadSize=hard, maxFramePayloadSize=hard,
+                                utf8validateIncoming=False, failByDrop=False)
 
 
 # Status

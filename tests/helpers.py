@@ -61,3 +61,18 @@ def speechlike(seed, seconds):
 def quantized(samples):
     """samples as they survive pcm16 on the wire."""
     return np.round(np.clip(samples, -1.0, 32767 / 32768) * 32768) / 32768
+
+
+def offline_tokens(engine, audio):
+    """What the model decodes from the whole utterance at once: (tokens, frames)."""
+    import torch
+
+    model = engine.pipeline.asr_model.asr_model
+    signal = torch.from_numpy(np.asarray(audio, dtype=np.float32))[None]
+    with torch.inference_mode():
+        feats, feat_len = engine.pipeline.preprocessor(
+            input_signal=signal, length=torch.tensor([signal.shape[1]]))
+        encoded, encoded_len = model.encoder(audio_signal=feats, length=feat_len)
+        hyp = model.decoding.rnnt_decoder_predictions_tensor(
+            encoded, encoded_len, return_hypotheses=True)[0]
+    return hyp.y_sequence.tolist(), int(feat_len[0])

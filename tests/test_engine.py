@@ -3,26 +3,11 @@ The engine on a real (tiny, random-weight) cache-aware model, through the
 NeMo pipeline and the same loading path as ``--model``.
 """
 
-import numpy as np
-import torch
 from twisted.trial import unittest
 
 from parakeet.frontend import ChunkCutter
 
-from .helpers import assert_engine_idle, shared_tiny_engine, speechlike
-
-
-def offline_tokens(engine, audio):
-    """What the model decodes from the whole utterance at once."""
-    model = engine.pipeline.asr_model.asr_model
-    signal = torch.from_numpy(audio)[None]
-    with torch.inference_mode():
-        feats, feat_len = engine.pipeline.preprocessor(
-            input_signal=signal, length=torch.tensor([signal.shape[1]]))
-        encoded, encoded_len = model.encoder(audio_signal=feats, length=feat_len)
-        hyp = model.decoding.rnnt_decoder_predictions_tensor(
-            encoded, encoded_len, return_hypotheses=True)[0]
-    return hyp.y_sequence.tolist(), int(feat_len[0])
+from .helpers import assert_engine_idle, offline_tokens, shared_tiny_engine, speechlike
 
 
 def stream_alone(engine, audio, stream_id, piece=1000):
@@ -136,3 +121,29 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(self.engine.text_of([eou]), "")
         self.assertEqual(self.engine.text_of(word + [eou] + word).split(),
                          [tokenizer.ids_to_text(word)] * 2)
+
+    def test_failed_step_frees_its_streams(self):
+        # A step that raises (say, CUDA out of memory) leaves no state, slot or
+        # feature cache behind for the streams of its batch.
+        engine = self.engine
+        audio = speechlike(3, 1.0)
+        cutters = [ChunkCutter(sid, engine.geometry) for sid in (1, 2)]
+        for cutter in cutters:
+            cutter.push(audio)
+        engine.step([c.next_chunk() for c in cutters])
+        self.assertEqual(len(engine.pipeline._state_pool), 2)
+        model = engine.pipeline.asr_model
+
+        def out_of_memory(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory")
+
+        model.stream_step = out_of_memory
+        try:
+            with self.assertRaises(RuntimeError):
+                engine.step([c.next_chunk() for c in cutters])
+        finally:
+            del model.stream_step
+        assert_engine_idle(self, engine)
+        # The engine carries on, and decodes as before.
+        self.assertEqual(tokens_of(stream_alone(engine, audio, 3)),
+                         offline_tokens(engine, audio)[0])

@@ -1,0 +1,405 @@
+"""
+The whole server over real loopback sockets: the service tree that
+``parakeet-server serve`` builds, the tiny model through the NeMo pipeline,
+and real clients (a LineReceiver for TCP, Autobahn for WebSocket).
+"""
+
+import base64
+import json
+
+import numpy as np
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from parakeet import client as clients
+from parakeet import messages, tap
+from parakeet.audio import encode_samples
+
+from .helpers import (
+    assert_engine_idle, offline_tokens, quantized, shared_tiny_engine, speechlike)
+
+PIECE = 1600  # 100 ms of audio per message
+
+
+def wait_for(predicate, timeout=30.0, interval=0.01):
+    """A Deferred that fires once predicate() is true; fails after timeout seconds."""
+    deadline = reactor.seconds() + timeout
+
+    @defer.inlineCallbacks
+    def poll():
+        while not predicate():
+            if reactor.seconds() > deadline:
+                raise AssertionError("timed out waiting for %r" % (predicate,))
+            yield task.deferLater(reactor, interval, lambda: None)
+
+    return poll()
+
+
+def read_status(port):
+    """The one line the status port writes."""
+    from twisted.internet import endpoints, protocol
+
+    done = defer.Deferred()
+
+    class Reader(protocol.Protocol):
+        def dataReceived(self, data):
+            self.data = getattr(self, "data", b"") + data
+
+        def connectionLost(self, reason):
+            done.callback(getattr(self, "data", b""))
+
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    endpoints.connectProtocol(endpoint, Reader())
+    return done.addCallback(lambda data: json.loads(data.decode()))
+
+
+class ServerTestMixin:
+    """Starts the server on free loopback ports; subclasses pick a transport."""
+
+    def start_server(self, *flags):
+        options = tap.Options()
+        options.parseOptions(["--host", "127.0.0.1", "--port", "0", "--ws-port", "0",
+                              "--status-port", "0"] + list(flags))
+        self.engine = shared_tiny_engine()
+        self.server = tap.makeService(options, reactor, engine=self.engine)
+        self.server.startService()
+        self.addCleanup(self.stop_server)
+        self.ports = {name: self.server.getServiceNamed(name).port.getHost().port
+                      for name in ("TCP clients", "WebSocket clients", "status checks")}
+        return self.server
+
+    @defer.inlineCallbacks
+    def stop_server(self):
+        # Streams of clients that went away are still being decoded to their end.
+        yield wait_for(lambda: len(self.server.registry) == 0)
+        yield self.server.stopService()
+        assert_engine_idle(self, self.engine)
+
+    def address(self):
+        if self.transport == "tcp":
+            return "tcp://127.0.0.1:%d" % (self.ports["TCP clients"],)
+        return "ws://127.0.0.1:%d" % (self.ports["WebSocket clients"],)
+
+    @defer.inlineCallbacks
+    def connect(self):
+        client = yield clients.connect(reactor, self.address())
+        self.addCleanup(self._hang_up, client)
+        return client
+
+    def _hang_up(self, client):
+        if not client.closed.called:
+            client.disconnect()
+        return client.closed
+
+    def status(self):
+        return read_status(self.ports["status checks"])
+
+    @defer.inlineCallbacks
+    def stream(self, client, audio, piece=PIECE, encoding="pcm16"):
+        """Send audio in pieces, the last with final: true; the final result."""
+        yield client.next(lambda m: m["type"] == "hello")
+        for start in range(0, len(audio), piece):
+            client.send_audio(audio[start:start + piece], encoding=encoding,
+                              final=start + piece >= len(audio))
+        final = yield client.final()
+        return final
+
+    def assertResultsConsistent(self, client):
+        """Aligned tokens and confidences; one final result, the last."""
+        results = client.results()
+        self.assertEqual([r["is_final"] for r in results],
+                         [False] * (len(results) - 1) + [True])
+        for r in results:
+            self.assertEqual(set(r), {"type", "stream_id", "text", "token_ids",
+                                      "confidence_scores", "is_final"})
+            self.assertEqual(len(r["token_ids"]), len(r["confidence_scores"]))
+            for c in r["confidence_scores"]:
+                self.assertTrue(0.0 <= c <= 1.0, c)
+            if not r["is_final"]:
+                self.assertTrue(r["token_ids"], "a partial result without tokens")
+        return [t for r in results for t in r["token_ids"]]
+
+    def tokenizer(self):
+        return self.engine.pipeline.tokenizer
+
+
+class StreamTestsMixin(ServerTestMixin):
+
+    @defer.inlineCallbacks
+    def test_hello(self):
+        self.start_server()
+        client = yield self.connect()
+        hello = yield client.next()
+        self.assertEqual(set(hello), {"type", "stream_id", "sample_rate"})
+        self.assertEqual((hello["type"], hello["sample_rate"]), ("hello", 16000))
+        self.assertIsInstance(hello["stream_id"], int)
+
+    @defer.inlineCallbacks
+    def test_transcribes_like_offline(self):
+        self.start_server()
+        audio = speechlike(11, 3.0)
+        client = yield self.connect()
+        final = yield self.stream(client, audio)
+        tokens = self.assertResultsConsistent(client)
+        expected, _ = offline_tokens(self.engine, quantized(audio))
+        self.assertEqual(tokens, expected)
+        self.assertGreater(len(client.results()), 2)  # partial results came first
+        self.assertEqual(final["text"].split(),
+                         self.tokenizer().ids_to_text(expected).split())
+        self.assertEqual(final["stream_id"], client.messages[0]["stream_id"])
+        # Every result's text is the transcript so far.
+        for r in client.results():
+            self.assertTrue(final["text"].startswith(r["text"]))
+        yield client.closed  # the server hangs up after the final result
+
+    @defer.inlineCallbacks
+    def test_f32_audio(self):
+        self.start_server()
+        audio = speechlike(12, 1.5)
+        client = yield self.connect()
+        yield self.stream(client, audio, encoding="f32")
+        expected, _ = offline_tokens(self.engine, audio)
+        self.assertEqual(self.assertResultsConsistent(client), expected)
+
+    @defer.inlineCallbacks
+    def test_close_message_finalizes(self):
+        self.start_server()
+        audio = speechlike(13, 1.0)
+        client = yield self.connect()
+        yield client.next(lambda m: m["type"] == "hello")
+        client.send_audio(audio)
+        client.close()
+        final = yield client.final()
+        expected, _ = offline_tokens(self.engine, quantized(audio))
+        self.assertEqual(self.assertResultsConsistent(client), expected)
+        self.assertTrue(final["is_final"])
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_close_without_audio(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next()
+        client.close()
+        final = yield client.final()
+        self.assertEqual((final["text"], final["token_ids"]), ("", []))
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_ping(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next()
+        client.send({"type": "ping"})
+        pong = yield client.next(lambda m: m["type"] == "pong")
+        self.assertEqual(pong, {"type": "pong"})
+
+    @defer.inlineCallbacks
+    def test_bad_messages_get_errors_and_the_stream_goes_on(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next()
+        audio = speechlike(14, 1.0)
+        f32_nan = base64.b64encode(np.array([0.0, np.nan], "<f4").tobytes()).decode()
+        bad = [
+            (b"{not json", "invalid JSON"),
+            (b"[1, 2]", "must be a JSON object"),
+            (b'{"data": ""}', "unknown message type"),
+            (b'{"type": "shout"}', "unknown message type"),
+            (b'{"type": "audio", "data": "***"}', "not valid base64"),
+            (b'{"type": "audio", "data": "AAAA", "encoding": "mp3"}',
+             "unknown audio encoding"),
+            (b'{"type": "audio", "data": "AAAA", "encoding": "pcm16"}',
+             "even number of bytes"),
+            (json.dumps({"type": "audio", "data": f32_nan, "encoding": "f32"}).encode(),
+             "NaN or infinite"),
+            (b'{"type": "audio", "data": "", "final": "yes"}', "'final' must be"),
+            (b"\xff\xfe", "not valid UTF-8"),
+        ]
+        # The first half of the audio before the bad messages, the rest after:
+        # nothing of it is lost.
+        client.send_audio(audio[:8000])
+        for raw, _ in bad:
+            client.send_raw(raw)
+        client.send_audio(audio[8000:], final=True)
+        yield client.final()
+        errors = client.errors()
+        self.assertEqual(len(errors), len(bad))
+        for message, (raw, fragment) in zip(errors, bad):
+            self.assertIn(fragment, message, raw)
+        expected, _ = offline_tokens(self.engine, quantized(audio))
+        self.assertEqual(self.assertResultsConsistent(client), expected)
+
+    @defer.inlineCallbacks
+    def test_audio_after_final(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next()
+        client.send_audio(speechlike(15, 0.5), final=True)
+        client.send_audio(speechlike(16, 0.5))
+        error = yield client.next(lambda m: m["type"] == "error")
+        self.assertIn("audio after the end of the stream", error["message"])
+        yield client.final()
+        self.assertResultsConsistent(client)
+
+    @defer.inlineCallbacks
+    def test_message_over_the_size_limit(self):
+        self.start_server("--max-message-bytes", "4096")
+        client = yield self.connect()
+        yield client.next()
+        audio = speechlike(17, 1.0)
+        client.send_audio(np.zeros(4096, np.float32))  # 8 KiB of pcm16: too large
+        error = yield client.next(lambda m: m["type"] == "error")
+        self.assertIn("message too large: the limit is 4096 bytes", error["message"])
+        for start in range(0, len(audio), 1000):  # 2.7 KiB messages
+            client.send_audio(audio[start:start + 1000], final=start + 1000 >= len(audio))
+        yield client.final()
+        expected, _ = offline_tokens(self.engine, quantized(audio))
+        self.assertEqual(self.assertResultsConsistent(client), expected)
+
+    @defer.inlineCallbacks
+    def test_max_stream_seconds(self):
+        self.start_server("--max-stream-seconds", "1")
+        audio = speechlike(18, 2.0)
+        client = yield self.connect()
+        yield client.next()
+        for start in range(0, len(audio), PIECE):
+            client.send_audio(audio[start:start + PIECE])
+        final = yield client.final()
+        # One error says where the audio was cut; each message after it is
+        # refused as coming after the end of the stream.
+        errors = client.errors()
+        self.assertIn("--max-stream-seconds=1", errors[0])
+        self.assertIn("audio after 1.00 s was not decoded", errors[0])
+        self.assertEqual(len(errors), 10)
+        for error in errors[1:]:
+            self.assertIn("audio after the end of the stream (max-stream-seconds)", error)
+        # The first second was decoded, and only it.
+        expected, _ = offline_tokens(self.engine, quantized(audio[:16000]))
+        self.assertEqual(self.assertResultsConsistent(client), expected)
+        self.assertTrue(final["is_final"])
+
+    @defer.inlineCallbacks
+    def test_max_num_streams_and_slot_reuse(self):
+        self.start_server("--max-num-streams", "2")
+        first = yield self.connect()
+        second = yield self.connect()
+        yield first.next()
+        yield second.next()
+        third = yield self.connect()
+        refusal = yield third.next()
+        self.assertEqual(refusal, {"type": "error",
+                                   "message": "No free streaming state available."})
+        yield third.closed
+        status = yield self.status()
+        self.assertEqual(status, {"type": "status", "connected_streams": 2})
+        # A finished stream's state is free for the next client.
+        yield self.stream(first, speechlike(19, 0.5))
+        yield wait_for(lambda: len(self.server.registry) == 1)
+        fourth = yield self.connect()
+        hello = yield fourth.next()
+        self.assertEqual(hello["type"], "hello")
+        audio = speechlike(20, 1.0)
+        yield self.stream(fourth, audio)
+        expected, _ = offline_tokens(self.engine, quantized(audio))
+        self.assertEqual(self.assertResultsConsistent(fourth), expected)
+
+    @defer.inlineCallbacks
+    def test_abrupt_disconnect_releases_the_stream(self):
+        self.start_server("--max-num-streams", "1")
+        client = yield self.connect()
+        yield client.next()
+        client.send_audio(speechlike(21, 1.5))
+        yield client.next(lambda m: m["type"] == "result")
+        self.assertEqual((yield self.status())["connected_streams"], 1)
+        client.disconnect()
+        yield client.closed
+        yield wait_for(lambda: len(self.server.registry) == 0)
+        self.assertEqual((yield self.status())["connected_streams"], 0)
+        # The one slot is free again.
+        again = yield self.connect()
+        self.assertEqual((yield again.next())["type"], "hello")
+
+    @defer.inlineCallbacks
+    def test_concurrent_streams_decode_as_alone(self):
+        self.start_server()
+        lengths = [2.0, 0.7, 1.3, 2.6]
+        audios = [speechlike(30 + i, s) for i, s in enumerate(lengths)]
+        connected = yield defer.gatherResults([self.connect() for _ in audios])
+        yield defer.gatherResults([self.stream(c, a) for c, a in zip(connected, audios)])
+        ids = {c.messages[0]["stream_id"] for c in connected}
+        self.assertEqual(len(ids), len(audios))
+        for client, audio in zip(connected, audios):
+            expected, _ = offline_tokens(self.engine, quantized(audio))
+            self.assertEqual(self.assertResultsConsistent(client), expected)
+        self.assertLess(self.server.getServiceNamed("decoder").steps,
+                        sum(len(a) for a in audios) / 2560)  # streams shared steps
+
+    @defer.inlineCallbacks
+    def test_status_port(self):
+        self.start_server()
+        self.assertEqual((yield self.status()), {"type": "status", "connected_streams": 0})
+        a = yield self.connect()
+        b = yield self.connect()
+        yield a.next()
+        yield b.next()
+        self.assertEqual((yield self.status())["connected_streams"], 2)
+        yield self.stream(a, speechlike(22, 0.3))
+        yield wait_for(lambda: len(self.server.registry) == 1)
+        self.assertEqual((yield self.status())["connected_streams"], 1)
+
+
+class TCPTests(StreamTestsMixin, unittest.TestCase):
+    transport = "tcp"
+
+    @defer.inlineCallbacks
+    def test_line_over_the_limit_in_pieces(self):
+        # A line longer than the limit that arrives in many pieces is refused
+        # once, and the lines after it are read as usual.
+        self.start_server("--max-message-bytes", "4096")
+        client = yield self.connect()
+        yield client.next()
+        transport = client._proto.transport
+        for _ in range(10):
+            transport.write(b"x" * 1000)
+            yield task.deferLater(reactor, 0.005, lambda: None)
+        transport.write(b"\n" + messages.encode({"type": "ping"}) + b"\n")
+        yield client.next(lambda m: m["type"] == "pong")
+        self.assertEqual(len(client.errors()), 1)
+        self.assertIn("message too large", client.errors()[0])
+
+    @defer.inlineCallbacks
+    def test_crlf_and_blank_lines(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next()
+        client._proto.transport.write(b'\n\r\n{"type": "ping"}\r\n')
+        yield client.next(lambda m: m["type"] == "pong")
+        self.assertEqual(client.errors(), [])
+
+
+class WebSocketTests(StreamTestsMixin, unittest.TestCase):
+    transport = "ws"
+
+    @defer.inlineCallbacks
+    def test_binary_message(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next()
+        client._proto.sendMessage(encode_samples(speechlike(23, 0.1)), isBinary=True)
+        error = yield client.next(lambda m: m["type"] == "error")
+        self.assertIn("binary messages are not supported", error["message"])
+        client.send({"type": "ping"})
+        yield client.next(lambda m: m["type"] == "pong")
+
+    @defer.inlineCallbacks
+    def test_far_over_the_limit_fails_the_connection(self):
+        # Past four times the limit Autobahn stops reading the message and
+        # fails the connection (close code 1009) rather than buffer it.
+        self.start_server("--max-message-bytes", "1024")
+        client = yield self.connect()
+        yield client.next()
+        client.send_raw(b"x" * 8192)
+        yield client.closed
+        self.assertEqual(client._proto.remoteCloseCode, 1009)
+        yield wait_for(lambda: len(self.server.registry) == 0)
