@@ -12,6 +12,7 @@ import torch
 from twisted.logger import Logger
 
 from .frontend import ChunkGeometry
+from .models import quiet_nemo
 
 log = Logger()
 
@@ -44,15 +45,6 @@ def parse_device(device):
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("device %r requested but CUDA is not available" % (device,))
     return kind, int(index or 0)
-
-
-def quiet_nemo():
-    """NeMo logs every detail of model loading at INFO; keep its errors only."""
-    import logging
-
-    from nemo.utils import logging as nemo_logging
-
-    nemo_logging.setLevel(logging.ERROR)
 
 
 class Engine:

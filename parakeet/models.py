@@ -11,6 +11,17 @@ MODEL_SIZES = {
 }
 
 
+def quiet_nemo():
+    """NeMo logs every detail of model loading at INFO, and its telemetry
+    package warns that it is off; keep their errors only."""
+    import logging
+
+    logging.getLogger("nv_one_logger").setLevel(logging.ERROR)
+    from nemo.utils import logging as nemo_logging
+
+    nemo_logging.setLevel(logging.ERROR)
+
+
 class ModelUnavailable(Exception):
     """The checkpoint can be neither found locally nor downloaded."""
 

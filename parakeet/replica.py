@@ -206,6 +206,10 @@ def _calibrate_joint(model, emit_fraction=0.3):
 def build_replica(name_or_arch, path, seed=0):
     """Build a random-weight replica and save it as a ``.nemo`` file at path."""
     import torch
+
+    from .models import quiet_nemo
+
+    quiet_nemo()
     from nemo.collections.asr.models import EncDecRNNTBPEModel
 
     arch = ARCHITECTURES[name_or_arch] if isinstance(name_or_arch, str) else name_or_arch

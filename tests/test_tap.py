@@ -1,0 +1,253 @@
+"""
+The command line, the twistd plugin and the service tree they build; the
+server run for real as ``parakeet-server serve`` and ``twistd -n parakeet``.
+"""
+
+import os
+import re
+import signal
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import defer, protocol, reactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial import unittest
+
+from parakeet import cli, tap
+from parakeet.models import MODEL_SIZES, ModelUnavailable, load_asr_model
+
+from .helpers import shared_tiny_engine, speechlike, tiny_model_path
+from .test_end_to_end import wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+FLAGS = ["--" + p[0] for p in tap.Options.optParameters]
+
+
+def environment(**extra):
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
+               HF_HUB_OFFLINE="1", HF_HOME=os.path.abspath("hf-home"))
+    env.update(extra)
+    return env
+
+
+class Process(protocol.ProcessProtocol):
+    """A child process whose output is kept; ``ended`` fires with its exit code."""
+
+    def __init__(self):
+        self.out = b""
+        self.err = b""
+        self.ended = defer.Deferred()
+        self._watchers = []
+
+    def outReceived(self, data):
+        self.out += data
+        for pattern, d in list(self._watchers):
+            match = re.search(pattern, self.out)
+            if match:
+                self._watchers.remove((pattern, d))
+                d.callback(match)
+
+    def errReceived(self, data):
+        self.err += data
+
+    def wait_for_output(self, pattern):
+        d = defer.Deferred()
+        self._watchers.append((pattern, d))
+        self.outReceived(b"")
+        return d
+
+    def processEnded(self, reason):
+        for _, d in self._watchers:
+            d.errback(AssertionError("exited first; output:\n%s\n%s"
+                                     % (self.out.decode(), self.err.decode())))
+        self._watchers = []
+        self.ended.callback(reason.value.exitCode if reason.value.signal is None
+                            else "signal %d" % reason.value.signal)
+
+
+def spawn(test, argv, **env):
+    proc = Process()
+    transport = reactor.spawnProcess(proc, argv[0], argv, env=environment(**env), path=ROOT)
+
+    def kill():
+        if not proc.ended.called:
+            transport.signalProcess("KILL")
+        return proc.ended
+
+    test.addCleanup(kill)
+    return proc, transport
+
+
+class OptionsTests(unittest.TestCase):
+
+    def parse(self, *argv):
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self):
+        o = self.parse()
+        self.assertEqual(
+            (o["host"], o["port"], o["ws-port"], o["status-port"], o["model-size"],
+             o["model"], o["device"], o["sample-rate"], o["max-num-streams"],
+             o["max-stream-seconds"], o["max-message-bytes"], o["max-batch"]),
+            ("0.0.0.0", 8765, 8000, None, "small", None, None, 16000, 100, 300.0,
+             1 << 20, 100))
+
+    def test_values(self):
+        o = self.parse("--port", "1", "--ws-port", "2", "--status-port", "3",
+                       "--model-size", "large", "--sample-rate", "8000",
+                       "--max-num-streams", "7", "--max-stream-seconds", "2.5")
+        self.assertEqual((o["port"], o["ws-port"], o["status-port"], o["model-size"],
+                          o["sample-rate"], o["max-num-streams"], o["max-batch"],
+                          o["max-stream-seconds"]),
+                         (1, 2, 3, "large", 8000, 7, 7, 2.5))
+
+    def test_bad_values(self):
+        for argv in (["--port", "70000"], ["--port", "x"], ["--model-size", "medium"],
+                     ["--sample-rate", "4000"], ["--max-num-streams", "0"],
+                     ["--max-stream-seconds", "-1"], ["--bogus"]):
+            self.assertRaises(usage.UsageError, self.parse, *argv)
+
+    def test_model_sizes(self):
+        self.assertEqual(MODEL_SIZES, {
+            "small": "nvidia/parakeet_realtime_eou_120m-v1",
+            "large": "nvidia/nemotron-speech-streaming-en-0.6b"})
+
+    def test_command_line_has_serve(self):
+        options = cli.Options()
+        options.parseOptions(["serve", "--port", "9"])
+        self.assertEqual(options.subCommand, "serve")
+        self.assertEqual(options.subOptions["port"], 9)
+        self.assertRaises(usage.UsageError, cli.Options().parseOptions, [])
+
+    def test_plugin(self):
+        plugins = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("parakeet", plugins)
+        plugin = plugins["parakeet"]
+        self.assertIs(plugin.options, tap.Options)
+        self.assertIs(plugin.makeService, tap.makeService)
+
+
+class ServiceTests(unittest.TestCase):
+
+    def test_service_tree(self):
+        options = tap.Options()
+        options.parseOptions(["--port", "0", "--ws-port", "0", "--host", "127.0.0.1"])
+        top = tap.makeService(options, reactor, engine=shared_tiny_engine())
+        self.assertEqual(sorted(s.name for s in top),
+                         ["TCP clients", "WebSocket clients", "decoder"])
+        options.parseOptions(["--port", "0", "--ws-port", "0", "--status-port", "0"])
+        top = tap.makeService(options, reactor, engine=shared_tiny_engine())
+        self.assertEqual(sorted(s.name for s in top),
+                         ["TCP clients", "WebSocket clients", "decoder", "status checks"])
+
+    def test_missing_model_file(self):
+        with self.assertRaises(ModelUnavailable) as caught:
+            load_asr_model("/nonexistent/model.nemo", "cpu")
+        self.assertEqual(str(caught.exception),
+                         "cannot load model /nonexistent/model.nemo: no such file")
+
+    def test_not_a_model_file(self):
+        with open("junk.nemo", "wb") as f:
+            f.write(b"not a tar archive")
+        with self.assertRaises(ModelUnavailable) as caught:
+            load_asr_model("junk.nemo", "cpu")
+        self.assertIn("cannot load model junk.nemo: not a usable .nemo checkpoint",
+                      str(caught.exception))
+
+
+class CommandTests(unittest.TestCase):
+    """The real programs, in child processes."""
+
+    @defer.inlineCallbacks
+    def test_help_lists_every_flag(self):
+        for argv in ([os.path.join(BIN, "parakeet-server"), "--help"],
+                     [os.path.join(BIN, "parakeet-server"), "serve", "--help"],
+                     [os.path.join(BIN, "twistd"), "parakeet", "--help"]):
+            proc, _ = spawn(self, argv)
+            code = yield proc.ended
+            self.assertEqual(code, 0, proc.err)
+            for flag in FLAGS:
+                self.assertIn(flag.encode() + b"=", proc.out, (argv, flag))
+
+    @defer.inlineCallbacks
+    def test_model_that_cannot_be_had(self):
+        # No checkpoint in the cache and no way to download it: one line that
+        # names the model and the ways out, and a non-zero exit.
+        proc, _ = spawn(self, [os.path.join(BIN, "parakeet-server"), "serve",
+                               "--model-size", "large", "--device", "cpu"])
+        code = yield proc.ended
+        self.assertEqual(code, 1)
+        lines = proc.err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, proc.err)
+        for part in ("parakeet-server: cannot load model "
+                     "nvidia/nemotron-speech-streaming-en-0.6b", "--model", "HF_HOME"):
+            self.assertIn(part, lines[0])
+
+    @defer.inlineCallbacks
+    def serve_and_transcribe(self, argv, exit_status=0):
+        """Start argv, stream over TCP and WebSocket, stop it with SIGTERM."""
+        from parakeet import client as clients
+
+        from .helpers import offline_tokens, quantized
+
+        started = reactor.seconds()
+        proc, transport = spawn(self, argv)
+        ports = {}
+        for what in ("TCP clients", "WebSocket clients", "status checks"):
+            match = yield proc.wait_for_output(
+                b"listening for " + what.encode() + rb" on 127\.0\.0\.1:(\d+)")
+            ports[what] = int(match.group(1))
+        startup = reactor.seconds() - started
+        audio = speechlike(50, 1.5)
+        expected, _ = offline_tokens(shared_tiny_engine(), quantized(audio))
+        for address in ("tcp://127.0.0.1:%d" % ports["TCP clients"],
+                        "ws://127.0.0.1:%d" % ports["WebSocket clients"]):
+            client = yield clients.connect(reactor, address)
+            hello = yield client.next()
+            self.assertEqual(hello["sample_rate"], 16000)
+            client.send_audio(audio, final=True)
+            final = yield client.final()
+            yield client.closed
+            self.assertEqual([t for r in client.results() for t in r["token_ids"]],
+                             expected)
+            self.assertTrue(final["is_final"])
+        yield wait_for(lambda: b"stream 2 closed (final)" in proc.out)
+        transport.signalProcess("TERM")
+        code = yield proc.ended
+        self.assertEqual(code, exit_status, proc.out[-3000:] + proc.err)
+        self.assertIn(b"Main loop terminated.", proc.out)
+        return proc, startup
+
+    @defer.inlineCallbacks
+    def test_parakeet_server_serve(self):
+        proc, startup = yield self.serve_and_transcribe(
+            [os.path.join(BIN, "parakeet-server"), "serve", "--model", tiny_model_path(),
+             "--host", "127.0.0.1", "--port", "0", "--ws-port", "0", "--status-port",
+             "0", "--device", "cpu", "--max-num-streams", "4"])
+        out = proc.out.decode()
+        self.assertIn("parakeet-server 0.1.0 starting:", out)
+        self.assertIn("--max-num-streams=4", out)
+        self.assertIn("serving %s on cpu: 160 ms chunks" % tiny_model_path(), out)
+        self.assertRegex(out, r"stream 1 opened by 127\.0\.0\.1:\d+ over tcp")
+        self.assertRegex(out, r"stream 1 closed \(final\) for 127\.0\.0\.1:\d+: "
+                              r"1\.50 s of audio in \d+\.\d\d s")
+        self.assertRegex(out, r"stream 2 opened by 127\.0\.0\.1:\d+ over websocket")
+        sys.stderr.write("[start-up of parakeet-server serve with the tiny model: %.1f s] "
+                         % (startup,))
+
+    @defer.inlineCallbacks
+    def test_twistd_plugin(self):
+        # As under supervisord: twistd in the foreground, no pid file, and no
+        # --device, so the server says which device it picked.  After a clean
+        # shutdown twistd ends itself with the signal that stopped it, as
+        # supervisord expects of a program it stopped.
+        proc, _ = yield self.serve_and_transcribe(
+            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "parakeet", "--model",
+             tiny_model_path(), "--host", "127.0.0.1", "--port", "0", "--ws-port", "0",
+             "--status-port", "0"], exit_status="signal %d" % signal.SIGTERM)
+        self.assertIn(b"CUDA is not available: running the model on the CPU", proc.out)
+        self.assertIn(b"stream 2 closed (final)", proc.out)
