@@ -18,7 +18,7 @@ from parakeet import cli, tap
 from parakeet.models import MODEL_SIZES, ModelUnavailable, load_asr_model
 
 from .helpers import shared_tiny_engine, speechlike, tiny_model_path
-from .test_end_to_end import wait_for
+from .test_end_to_end import ServerTestMixin, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -251,3 +251,54 @@ class CommandTests(unittest.TestCase):
              "--status-port", "0"], exit_status="signal %d" % signal.SIGTERM)
         self.assertIn(b"CUDA is not available: running the model on the CPU", proc.out)
         self.assertIn(b"stream 2 closed (final)", proc.out)
+
+
+class DocumentationTests(ServerTestMixin, unittest.TestCase):
+    """What README.rst and conf/ say works."""
+
+    transport = "tcp"
+
+    def test_supervisord_program(self):
+        import configparser
+        import shlex
+
+        parser = configparser.ConfigParser()
+        parser.read(os.path.join(ROOT, "conf", "parakeet.conf"))
+        program = parser["program:parakeet"]
+        argv = shlex.split(program["command"])
+        self.assertEqual([os.path.basename(argv[0])] + argv[1:4],
+                         ["twistd", "-n", "--pidfile=", "parakeet"])
+        options = tap.Options()
+        options.parseOptions(argv[4:])  # the server's own flags, all valid
+        self.assertEqual(program["stopsignal"], "TERM")
+
+    @defer.inlineCallbacks
+    def test_readme_client(self):
+        import wave
+
+        from twisted.internet import utils
+
+        from .helpers import offline_tokens, quantized
+
+        with open(os.path.join(ROOT, "README.rst")) as f:
+            readme = f.read()
+        section = readme.split("A client in Python\n")[1].split("Run it as")[0]
+        code = "\n".join(line[4:] for line in section.split("::\n", 1)[1].splitlines())
+        with open("client.py", "w") as f:
+            f.write(code)
+        audio = quantized(speechlike(60, 1.2))
+        with wave.open("speech.wav", "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(16000)
+            wav.writeframes((audio * 32768).astype("<i2").tobytes())
+        self.start_server()
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, ["client.py", "127.0.0.1", str(self.ports["TCP clients"]),
+                             "speech.wav"], env=os.environ, path=os.getcwd())
+        self.assertEqual(code, 0, err)
+        lines = out.decode().splitlines()
+        expected, _ = offline_tokens(self.engine, audio)
+        text = self.tokenizer().ids_to_text(expected)
+        self.assertEqual(lines[-1].split(), ["final:"] + text.split())
+        self.assertTrue(all(line.startswith("partial: ") for line in lines[:-1]))

@@ -1,0 +1,105 @@
+"""
+How fast the engine decodes with no sockets and no reactor: the ceiling that
+the server's own throughput is measured against.
+
+    python -m parakeet.ceiling --arch small --streams 1,2,4,8
+
+builds (once, then reuses) a random-weight replica of the named architecture,
+drives N streams in lockstep through :meth:`Engine.step`, one chunk each per
+step, and prints per step time and the real-time factor.  A stream keeps up
+in real time while a step of N streams takes less than one chunk of audio.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+from twisted.python import usage
+
+
+class Options(usage.Options):
+    optParameters = [
+        ("arch", None, "small", "Replica architecture: small, large or tiny."),
+        ("model", None, None, "A .nemo file to measure instead of a replica."),
+        ("cache-dir", None, os.path.expanduser("~/.cache/parakeet-server"),
+         "Where replicas are kept between runs."),
+        ("streams", None, "1,2,4,8", "Comma-separated stream counts to measure."),
+        ("seconds", None, 8.0, "Audio per stream, in seconds.", float),
+        ("device", None, "cpu", "PyTorch device."),
+        ("threads", None, None, "torch CPU threads [default: torch's own].", int),
+    ]
+
+
+def replica_path(arch, cache_dir):
+    from .replica import build_replica
+
+    path = os.path.join(cache_dir, "replica-%s.nemo" % (arch,))
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        print("building the %s replica at %s ..." % (arch, path), flush=True)
+        build_replica(arch, path)
+    return path
+
+
+def measure(engine, n_streams, seconds, first_id):
+    """Per-step wall times (s) of n_streams decoded together, one chunk each."""
+    from .frontend import ChunkCutter
+    from .replica import calibration_audio
+
+    cutters = []
+    for i in range(n_streams):
+        cutter = ChunkCutter(first_id + i, engine.geometry)
+        cutter.push(calibration_audio(i, seconds))
+        cutter.finish()
+        cutters.append(cutter)
+    times = []
+    while True:
+        chunks = [c for c in (cutter.next_chunk() for cutter in cutters) if c is not None]
+        if not chunks:
+            return times
+        started = time.perf_counter()
+        engine.step(chunks)
+        if len(chunks) == n_streams and not any(c.is_first or c.is_last for c in chunks):
+            times.append(time.perf_counter() - started)
+
+
+def main(argv=None):
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        raise SystemExit("%s\n%s" % (options, e))
+    import torch
+
+    from .engine import Engine
+
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    counts = [int(n) for n in options["streams"].split(",")]
+    path = options["model"] or replica_path(options["arch"], options["cache-dir"])
+    started = time.perf_counter()
+    engine = Engine.load(path, device=options["device"], num_slots=max(counts),
+                         batch_size=max(counts))
+    chunk = engine.geometry.chunk_seconds
+    print("model %s on %s, %d torch threads: loaded in %.1f s, %.0f ms chunks"
+          % (path, engine.device, torch.get_num_threads(),
+             time.perf_counter() - started, chunk * 1000))
+    print("%8s %12s %12s %10s %14s" % ("streams", "step p50 ms", "step p95 ms",
+                                       "RTF", "real time?"))
+    first_id = 1
+    for n in counts:
+        times = measure(engine, n, options["seconds"], first_id)
+        first_id += n
+        p50 = statistics.median(times)
+        p95 = sorted(times)[int(0.95 * (len(times) - 1))]
+        # Real-time factor of the batch: compute time per second of audio
+        # of each stream.
+        rtf = p50 / chunk
+        print("%8d %12.1f %12.1f %10.3f %14s"
+              % (n, p50 * 1000, p95 * 1000, rtf, "yes" if p95 < chunk else "no"),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
