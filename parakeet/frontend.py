@@ -79,6 +79,9 @@ class Chunk:
     valid_frames = attr.ib()       #: frames that are audio (less than n_frames only when last)
     is_first = attr.ib()
     is_last = attr.ib()
+    #: Samples of the stream, from its first, that had to arrive before this
+    #: chunk could be decoded: the audio its result covers.
+    audio_samples = attr.ib()
 
 
 class ChunkCutter:
@@ -146,16 +149,19 @@ class ChunkCutter:
             return None
         g = self.geometry
         n = g.frames_in_chunk(self.frames_done)
+        needed = g.samples_needed(self.frames_done)
         if not self.finished:
-            if self.received < g.samples_needed(self.frames_done):
+            if self.received < needed:
                 return None
             valid_frames, is_last = n, False
         else:
             remaining = g.frames_for(self.received) - self.frames_done
             valid_frames, is_last = min(n, remaining), remaining <= n
+            if is_last:
+                needed = self.received
         segment, valid = self._segment(n)
         chunk = Chunk(self.stream_id, segment, valid, n, valid_frames,
-                      self.frames_done == 0, is_last)
+                      self.frames_done == 0, is_last, min(needed, self.received))
         self._advance(valid_frames if is_last else n)
         if is_last:
             self.done = True

@@ -101,7 +101,7 @@ def hello(stream_id, sample_rate):
     return {"type": "hello", "stream_id": stream_id, "sample_rate": sample_rate}
 
 
-def result(stream_id, text, token_ids, confidences, is_final):
+def result(stream_id, text, token_ids, confidences, is_final, audio_ms):
     return {
         "type": "result",
         "stream_id": stream_id,
@@ -109,6 +109,7 @@ def result(stream_id, text, token_ids, confidences, is_final):
         "token_ids": list(token_ids),
         "confidence_scores": list(confidences),
         "is_final": is_final,
+        "audio_ms": audio_ms,
     }
 
 

@@ -11,6 +11,7 @@ import attr
 from twisted.logger import Logger
 
 from . import messages
+from .audio import AudioError, decode_samples
 from .registry import RegistryFull
 
 
@@ -79,6 +80,17 @@ class StreamSession:
         elif isinstance(message, messages.Audio):
             self._audio(message)
 
+    def audio_received(self, payload, encoding):
+        """Raw audio bytes outside JSON (a binary WebSocket message)."""
+        if self.stream is None:
+            return
+        try:
+            samples = decode_samples(payload, encoding)
+        except AudioError as e:
+            self.channel.send(messages.error(str(e)))
+            return
+        self._audio(messages.Audio(samples))
+
     def message_too_large(self, size=None):
         self.channel.send(messages.error(
             "message too large: the limit is %d bytes%s"
@@ -126,7 +138,7 @@ class StreamSession:
         if result.token_ids or result.is_last:
             self.channel.send(messages.result(
                 stream.id, stream.text.strip(), result.token_ids, result.confidences,
-                result.is_last))
+                result.is_last, stream.audio_ms))
         if result.is_last:
             self.channel.close()
 

@@ -29,6 +29,7 @@ class Stream:
     resampler = attr.ib(default=None, repr=False)
     received = attr.ib(default=0)   #: samples received, at the input rate
     text = attr.ib(default="")      #: transcript so far
+    decoded_samples = attr.ib(default=0)  #: model-rate samples the transcript covers
     end_reason = attr.ib(default=None)  #: why it is finishing, once it is
 
     @property
@@ -38,6 +39,11 @@ class Stream:
     @property
     def audio_seconds(self):
         return self.received / self.input_rate
+
+    @property
+    def audio_ms(self):
+        """Milliseconds of audio, from the stream's start, that the transcript covers."""
+        return round(self.decoded_samples * 1000 / self.cutter.geometry.sample_rate, 3)
 
     def push(self, samples):
         self.received += len(samples)

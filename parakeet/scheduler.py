@@ -90,12 +90,13 @@ class DecodeLoop(service.Service):
         # Assigned before the callbacks: a synchronous run_step fires at once.
         self._in_flight = self._run_step(self.engine.step, chunks)
         self._in_flight.addCallbacks(self._deliver, self._failed,
-                                     callbackArgs=(streams,), errbackArgs=(streams,))
+                                     callbackArgs=(streams, chunks), errbackArgs=(streams,))
         self._in_flight.addBoth(self._finished)
 
-    def _deliver(self, results, streams):
-        for stream, result in zip(streams, results):
+    def _deliver(self, results, streams, chunks):
+        for stream, chunk, result in zip(streams, chunks, results):
             stream.text += result.text
+            stream.decoded_samples = chunk.audio_samples
             if result.is_last:
                 self.registry.release(stream)
             try:

@@ -4,13 +4,15 @@ WebSocket, and the one-shot status port.  Each turns bytes into complete
 messages for a :class:`~parakeet.protocol.StreamSession`.
 """
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import (
+    ConnectionDeny, WebSocketServerFactory, WebSocketServerProtocol)
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
 from . import messages
+from .audio import ENCODINGS
 from .protocol import Channel, StreamSession
 
 #: How far past the message limit a WebSocket message may go before the
@@ -123,6 +125,12 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         self._peer_text = _peer(self.transport.getPeer())
+        # Binary messages carry raw audio in the encoding the URL names.
+        self.binary_encoding = request.params.get("encoding", ["pcm16"])[-1]
+        if self.binary_encoding not in ENCODINGS:
+            raise ConnectionDeny(400, "unknown audio encoding %r in the URL (expected "
+                                      "one of: %s)" % (self.binary_encoding[:32],
+                                                       ", ".join(ENCODINGS)))
 
     def onOpen(self):
         self.session = self.factory.session(
@@ -135,8 +143,7 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
         if len(payload) > self.factory.limits.max_message_bytes:
             self.session.message_too_large(len(payload))
         elif isBinary:
-            self.session.channel.send(messages.error(
-                "binary messages are not supported: send JSON text messages"))
+            self.session.audio_received(payload, self.binary_encoding)
         else:
             self.session.message_received(payload)
 

@@ -111,7 +111,7 @@ class ServerTestMixin:
                          [False] * (len(results) - 1) + [True])
         for r in results:
             self.assertEqual(set(r), {"type", "stream_id", "text", "token_ids",
-                                      "confidence_scores", "is_final"})
+                                      "confidence_scores", "is_final", "audio_ms"})
             self.assertEqual(len(r["token_ids"]), len(r["confidence_scores"]))
             for c in r["confidence_scores"]:
                 self.assertTrue(0.0 <= c <= 1.0, c)
@@ -147,9 +147,14 @@ class StreamTestsMixin(ServerTestMixin):
         self.assertEqual(final["text"].split(),
                          self.tokenizer().ids_to_text(expected).split())
         self.assertEqual(final["stream_id"], client.messages[0]["stream_id"])
-        # Every result's text is the transcript so far.
+        # Every result's text is the transcript so far, and says how much of
+        # the audio it covers.
+        covered = [r["audio_ms"] for r in client.results()]
+        self.assertEqual(covered, sorted(covered))
+        self.assertEqual(final["audio_ms"], 3000.0)
         for r in client.results():
             self.assertTrue(final["text"].startswith(r["text"]))
+            self.assertTrue(0 < r["audio_ms"] <= 3000.0)
         yield client.closed  # the server hangs up after the final result
 
     @defer.inlineCallbacks
@@ -382,15 +387,54 @@ class WebSocketTests(StreamTestsMixin, unittest.TestCase):
     transport = "ws"
 
     @defer.inlineCallbacks
-    def test_binary_message(self):
+    def binary_stream(self, audio, query="", encoding="pcm16"):
+        """Stream audio as binary messages; finalize with a close message."""
+        client = yield clients.connect(reactor, self.address() + query)
+        self.addCleanup(self._hang_up, client)
+        yield client.next()
+        for start in range(0, len(audio), PIECE):
+            client._proto.sendMessage(encode_samples(audio[start:start + PIECE], encoding),
+                                      isBinary=True)
+        client.close()
+        yield client.final()
+        return client
+
+    @defer.inlineCallbacks
+    def test_binary_pcm16_audio(self):
+        self.start_server()
+        audio = speechlike(23, 1.5)
+        client = yield self.binary_stream(audio)
+        expected, _ = offline_tokens(self.engine, quantized(audio))
+        self.assertEqual(self.assertResultsConsistent(client), expected)
+        self.assertEqual(client.errors(), [])
+
+    @defer.inlineCallbacks
+    def test_binary_f32_audio(self):
+        self.start_server()
+        audio = speechlike(24, 1.5)
+        client = yield self.binary_stream(audio, "/?encoding=f32", "f32")
+        expected, _ = offline_tokens(self.engine, audio)
+        self.assertEqual(self.assertResultsConsistent(client), expected)
+
+    @defer.inlineCallbacks
+    def test_bad_binary_audio(self):
         self.start_server()
         client = yield self.connect()
         yield client.next()
-        client._proto.sendMessage(encode_samples(speechlike(23, 0.1)), isBinary=True)
+        client._proto.sendMessage(b"\x00\x01\x02", isBinary=True)
         error = yield client.next(lambda m: m["type"] == "error")
-        self.assertIn("binary messages are not supported", error["message"])
+        self.assertIn("pcm16 audio must have an even number of bytes, got 3",
+                      error["message"])
         client.send({"type": "ping"})
         yield client.next(lambda m: m["type"] == "pong")
+
+    @defer.inlineCallbacks
+    def test_unknown_binary_encoding_is_refused_at_the_handshake(self):
+        self.start_server()
+        with self.assertRaises(ConnectionError) as caught:
+            yield clients.connect(reactor, self.address() + "/?encoding=mp3")
+        self.assertIn("400", str(caught.exception))
+        self.assertEqual(len(self.server.registry), 0)
 
     @defer.inlineCallbacks
     def test_far_over_the_limit_fails_the_connection(self):

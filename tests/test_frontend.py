@@ -106,3 +106,19 @@ class ChunkCutterTests(unittest.TestCase):
                 pass
         self.assertLess(cutter.buffered_samples, 2 * 2560)
         self.assertLess(len(cutter._buf), 3 * 2560 + G.margin)
+
+    def test_audio_each_chunk_covers(self):
+        # A chunk covers the audio that had to arrive before it could be cut;
+        # the last covers everything.
+        cutter, chunks = cut_all(np.zeros(8000, np.float32), piece=500)
+        frames_done = 0
+        for chunk in chunks[:-1]:
+            self.assertEqual(chunk.audio_samples, G.samples_needed(frames_done))
+            frames_done += chunk.n_frames
+        self.assertEqual(chunks[-1].audio_samples, 8000)
+        covered = [c.audio_samples for c in chunks]
+        self.assertEqual(covered, sorted(covered))
+        # A chunk cut before the end is known covers only what it needed.
+        cutter = ChunkCutter(1, G)
+        cutter.push(np.zeros(5000, np.float32))
+        self.assertEqual(cutter.next_chunk().audio_samples, G.samples_needed(0))

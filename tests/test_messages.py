@@ -80,10 +80,11 @@ class ParseTests(unittest.TestCase):
 class BuildTests(unittest.TestCase):
 
     def test_result_shape(self):
-        obj = json.loads(messages.encode(messages.result(7, "hi", [1, 2], [0.5, 1.0], True)))
+        obj = json.loads(messages.encode(
+            messages.result(7, "hi", [1, 2], [0.5, 1.0], True, 1234.5)))
         self.assertEqual(obj, {"type": "result", "stream_id": 7, "text": "hi",
                                "token_ids": [1, 2], "confidence_scores": [0.5, 1.0],
-                               "is_final": True})
+                               "is_final": True, "audio_ms": 1234.5})
 
     def test_others(self):
         self.assertEqual(messages.hello(3, 16000),

@@ -78,13 +78,14 @@ class SessionTests(unittest.TestCase):
         session.stream_result(stream, StepResult(stream.id, [], [], "", False))
         self.assertEqual(channel.of_type("result"), [])
         stream.text = " hello"
+        stream.decoded_samples = 2656
         session.stream_result(stream, StepResult(stream.id, [5, 6], [0.5, 0.25], " hello",
                                                  False))
-        stream.text = " hello"
+        stream.decoded_samples = 3000
         session.stream_result(stream, StepResult(stream.id, [], [], "", True))
         self.assertEqual(channel.of_type("result"), [
-            messages.result(stream.id, "hello", [5, 6], [0.5, 0.25], False),
-            messages.result(stream.id, "hello", [], [], True)])
+            messages.result(stream.id, "hello", [5, 6], [0.5, 0.25], False, 166.0),
+            messages.result(stream.id, "hello", [], [], True, 187.5)])
         self.assertTrue(channel.closed)
 
     def test_nothing_is_sent_after_the_connection_is_lost(self):
