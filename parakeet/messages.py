@@ -13,6 +13,7 @@ import attr
 from .audio import AudioError, decode_samples
 
 NO_FREE_STATE = "No free streaming state available."
+SHUTTING_DOWN = "The server is shutting down."
 
 
 class ProtocolError(ValueError):

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from . import messages
 from .audio import AudioError, decode_samples
-from .registry import RegistryFull
+from .registry import RegistryClosed, RegistryFull
 
 
 class Channel:
@@ -28,13 +28,36 @@ class Channel:
         """Close the connection once what was sent has been written."""
         raise NotImplementedError
 
+    def abort(self):
+        """Drop the connection now, whatever is still unsent."""
+        raise NotImplementedError
+
+    def pause_reading(self, reason):
+        """Stop reading from the client until resume_reading(reason)."""
+        raise NotImplementedError
+
+    def resume_reading(self, reason):
+        raise NotImplementedError
+
+
+#: Why reading from a client is paused while its undecoded audio piles up.
+BACKLOG = "backlog"
+
 
 @attr.s(frozen=True)
 class Limits:
-    """What a client may send."""
+    """What a client may send, and how long the server waits for it."""
 
     max_stream_seconds = attr.ib(default=300.0)
     max_message_bytes = attr.ib(default=1 << 20)
+    #: Seconds without any message before a stream is finalized; 0: never.
+    idle_timeout = attr.ib(default=60.0)
+    #: Seconds of received but undecoded audio at which reading from the
+    #: client pauses until the decoder catches up.
+    max_backlog_seconds = attr.ib(default=10.0)
+    #: Seconds a client may leave the server's messages unread (its socket
+    #: full) before its connection is dropped; 0: never.
+    write_timeout = attr.ib(default=30.0)
 
 
 class StreamSession:
@@ -49,6 +72,9 @@ class StreamSession:
         self.transport = transport
         self.stream = None
         self.connected = False
+        self._idle = None
+        self._unread = None
+        self._backlogged = False
 
     # transport events
 
@@ -63,11 +89,19 @@ class StreamSession:
             self.channel.send(messages.error(messages.NO_FREE_STATE))
             self.channel.close()
             return
+        except RegistryClosed:
+            self.channel.send(messages.error(messages.SHUTTING_DOWN))
+            self.channel.close()
+            return
         self.channel.send(messages.hello(self.stream.id, self.registry.input_rate))
+        if self.limits.idle_timeout:
+            self._idle = self.registry.clock.callLater(self.limits.idle_timeout,
+                                                       self._idle_timeout)
 
     def message_received(self, raw):
         if self.stream is None:
             return
+        self._touch()
         try:
             message = messages.parse(raw)
         except messages.ProtocolError as e:
@@ -84,6 +118,7 @@ class StreamSession:
         """Raw audio bytes outside JSON (a binary WebSocket message)."""
         if self.stream is None:
             return
+        self._touch()
         try:
             samples = decode_samples(payload, encoding)
         except AudioError as e:
@@ -99,8 +134,54 @@ class StreamSession:
 
     def connection_lost(self):
         self.connected = False
+        self._cancel_timers()
         if self.stream is not None and self.stream in self.registry:
             self._finish("disconnected")
+
+    def write_blocked(self):
+        """The client stopped reading: what the server sends piles up."""
+        if self.limits.write_timeout and self._unread is None:
+            self._unread = self.registry.clock.callLater(self.limits.write_timeout,
+                                                         self._write_timeout)
+
+    def write_unblocked(self):
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
+
+    # timers
+
+    def _touch(self):
+        if self._idle is not None:
+            self._idle.reset(self.limits.idle_timeout)
+
+    def _cancel_timers(self):
+        for call in (self._idle, self._unread):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._unread = None
+
+    def _idle_timeout(self):
+        self._idle = None
+        self.end_stream("idle-timeout",
+                        "no message for %g s (--idle-timeout): the stream was finalized"
+                        % (self.limits.idle_timeout,))
+
+    def _write_timeout(self):
+        self._unread = None
+        self.log.warn("stream {stream_id}: {peer} has not read what the server sent for "
+                      "{seconds} s (--write-timeout); dropping the connection",
+                      stream_id=self.stream.id, peer=self.channel.peer,
+                      seconds=self.limits.write_timeout)
+        self.channel.abort()
+
+    def end_stream(self, reason, why):
+        """Finalize the stream on the server's initiative, telling the client why."""
+        if self.stream is None or self.stream.finishing:
+            return
+        if self.connected:
+            self.channel.send(messages.error(why))
+        self._finish(reason)
 
     # audio
 
@@ -124,9 +205,17 @@ class StreamSession:
         stream.push(samples)
         if message.final:
             self._finish("final")
+        elif (not self._backlogged and stream.cutter.buffered_samples
+              > self.limits.max_backlog_seconds * self.registry.geometry.sample_rate):
+            # Sent faster than it is decoded: read no more until it catches up.
+            self._backlogged = True
+            self.channel.pause_reading(BACKLOG)
 
     def _finish(self, reason):
         if not self.stream.finishing:
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
             self.stream.finish(reason)
             self.loop.step()
 
@@ -135,6 +224,10 @@ class StreamSession:
     def stream_result(self, stream, result):
         if not self.connected:
             return
+        if self._backlogged and stream.cutter.buffered_samples <= (
+                self.limits.max_backlog_seconds * self.registry.geometry.sample_rate / 2):
+            self._backlogged = False
+            self.channel.resume_reading(BACKLOG)
         if result.token_ids or result.is_last:
             self.channel.send(messages.result(
                 stream.id, stream.text.strip(), result.token_ids, result.confidences,

@@ -15,6 +15,10 @@ class RegistryFull(Exception):
     """Every streaming state is taken."""
 
 
+class RegistryClosed(Exception):
+    """The server is shutting down: it takes no new streams."""
+
+
 @attr.s(eq=False)
 class Stream:
     """One client's stream: its audio on the model's chunk grid and its transcript."""
@@ -74,6 +78,7 @@ class StreamRegistry:
         self._streams = OrderedDict()
         self._next_id = 1
         self.opened = 0
+        self.closed = False
 
     def __len__(self):
         return len(self._streams)
@@ -85,6 +90,8 @@ class StreamRegistry:
         return self._streams.get(stream_id)
 
     def open(self, peer, transport, listener):
+        if self.closed:
+            raise RegistryClosed()
         if len(self._streams) >= self.capacity:
             raise RegistryFull()
         stream_id = self._next_id

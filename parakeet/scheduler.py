@@ -10,7 +10,7 @@ the loop looks for the next batch at once rather than waiting for a tick.
 """
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -59,6 +59,36 @@ class DecodeLoop(service.Service):
             yield self._in_flight
         if self.pool is not None:
             self.pool.stop()
+
+    @defer.inlineCallbacks
+    def drain(self, seconds):
+        """Take no new streams, finalize every open one and decode it to its
+        end; streams still not done after ``seconds`` end with an error."""
+        self.registry.closed = True
+        started = self.reactor.seconds()
+        streams = self.registry.in_turn()
+        if not streams:
+            return
+        self.log.info("shutting down: finalizing {n} open streams", n=len(streams))
+        for stream in streams:
+            stream.listener.end_stream(
+                "shutdown", "the server is shutting down: the stream was finalized")
+        while len(self.registry) and self.reactor.seconds() - started < seconds:
+            yield task.deferLater(self.reactor, 0.02, lambda: None)
+        left = self.registry.in_turn()
+        if left:
+            self.log.warn("{n} streams were not decoded to their end within "
+                          "--drain-seconds={seconds}", n=len(left), seconds=seconds)
+            while self._in_flight is not None:
+                yield self._in_flight
+            for stream in left:
+                self.registry.release(stream)
+                stream.listener.stream_failed(
+                    stream, "the server shut down before the stream was decoded to its "
+                            "end (--drain-seconds=%g)" % (seconds,))
+            yield self._run_step(self.engine.abort, [s.id for s in left])
+        self.log.info("drained {n} streams in {duration:.2f} s", n=len(streams),
+                      duration=self.reactor.seconds() - started)
 
     def _tick(self):
         try:

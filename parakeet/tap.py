@@ -6,6 +6,7 @@ and ``twistd parakeet``.
 import sys
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -29,6 +30,22 @@ def _positive(kind):
             raise ValueError("must be greater than zero")
         return number
     return coerce
+
+
+def _not_negative(kind):
+    def coerce(value):
+        number = kind(value)
+        if number < 0:
+            raise ValueError("must not be negative")
+        return number
+    return coerce
+
+
+def _ping_interval(value):
+    seconds = float(value)
+    if seconds and seconds < 2:
+        raise ValueError("must be 0 (no pings) or at least 2 seconds")
+    return seconds
 
 
 def _sample_rate(value):
@@ -73,6 +90,19 @@ class Options(usage.Options):
          "a WebSocket message), in bytes.", _positive(int)),
         ("max-batch", None, None, "Most streams decoded in one model step "
          "[default: --max-num-streams].", _positive(int)),
+        ("idle-timeout", None, 60.0, "Seconds a stream may go without any message "
+         "(audio, ping) before it is finalized; 0: never.", _not_negative(float)),
+        ("write-timeout", None, 30.0, "Seconds a client may leave the server's messages "
+         "unread before its connection is dropped; 0: never.", _not_negative(float)),
+        ("max-backlog-seconds", None, 10.0, "Seconds of a stream's audio received but "
+         "not yet decoded at which the server stops reading from that client until "
+         "the decoder catches up.", _positive(float)),
+        ("drain-seconds", None, 10.0, "On SIGTERM, seconds to finish decoding the open "
+         "streams and send their final results before exiting.",
+         _not_negative(float)),
+        ("ws-ping-interval", None, 20.0, "Seconds between WebSocket pings (2 or more: "
+         "the timers have one-second resolution); a client that does not answer "
+         "within as long again is dropped; 0: no pings.", _ping_interval),
         ("chunk-ms", None, None, "Audio per model step in ms, for models trained "
          "with several look-aheads (80, 160, 560 or 1120 for the large model) "
          "[default: the model's own].", _positive(int)),
@@ -122,23 +152,52 @@ def makeService(config, reactor=None, engine=None):
              "{rate} Hz model audio", model=engine.model_name, device=engine.device,
              chunk_ms=engine.geometry.chunk_seconds * 1000, rate=engine.sample_rate)
 
-    top = service.MultiService()
     registry = StreamRegistry(config["max-num-streams"], engine.geometry,
                               config["sample-rate"], reactor)
     loop = DecodeLoop(engine, registry, reactor, max_batch=config["max-batch"])
     loop.setName("decoder")
+    top = ServerService(registry, loop, config["drain-seconds"])
     loop.setServiceParent(top)
     limits = Limits(max_stream_seconds=config["max-stream-seconds"],
-                    max_message_bytes=config["max-message-bytes"])
+                    max_message_bytes=config["max-message-bytes"],
+                    idle_timeout=config["idle-timeout"],
+                    max_backlog_seconds=config["max-backlog-seconds"],
+                    write_timeout=config["write-timeout"])
     host = config["host"]
     Listener(reactor, tcp_endpoint(host, config["port"]),
              StreamLineFactory(registry, loop, limits, reactor),
              "TCP clients").setServiceParent(top)
     Listener(reactor, tcp_endpoint(host, config["ws-port"]),
-             StreamWebSocketFactory(registry, loop, limits),
+             StreamWebSocketFactory(registry, loop, limits, config["ws-ping-interval"]),
              "WebSocket clients").setServiceParent(top)
     if config["status-port"] is not None:
         Listener(reactor, tcp_endpoint(host, config["status-port"]),
                  StatusFactory(registry), "status checks").setServiceParent(top)
-    top.registry = registry
     return top
+
+
+class ServerService(service.MultiService):
+    """The server: on stop, it drains its streams before its ports close, so
+    that clients connecting meanwhile are told the server is shutting down."""
+
+    def __init__(self, registry, loop, drain_seconds):
+        service.MultiService.__init__(self)
+        self.registry = registry
+        self.loop = loop
+        self.drain_seconds = drain_seconds
+        self._stopping = None
+
+    def startService(self):
+        self._stopping = None
+        service.MultiService.startService(self)
+
+    def stopService(self):
+        """Drain, then stop; a second call while stopping waits for the first."""
+        if self._stopping is None:
+            self._stopping = self._stop()
+        return self._stopping
+
+    @defer.inlineCallbacks
+    def _stop(self):
+        yield self.loop.drain(self.drain_seconds)
+        yield service.MultiService.stopService(self)

@@ -8,8 +8,10 @@ from autobahn.twisted.websocket import (
     ConnectionDeny, WebSocketServerFactory, WebSocketServerProtocol)
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
 
 from . import messages
 from .audio import ENCODINGS
@@ -27,6 +29,64 @@ def _peer(address):
     return "[%s]:%d" % (host, address.port) if ":" in host else "%s:%d" % (host, address.port)
 
 
+@implementer(IPushProducer)
+class FlowControl:
+    """Reading from one connection, paused while any reason holds.
+
+    It is also the producer the server's writes come from: the transport
+    pauses it when the client leaves too much unread, which pauses reading
+    too, and tells the session, which gives the client ``--write-timeout``
+    seconds to catch up.
+    """
+
+    UNREAD = "unread output"
+
+    def __init__(self, transport, session, reader=None):
+        """reader: what pauses reading, the transport unless given."""
+        self.transport = transport
+        self.session = session
+        self.reader = reader or transport
+        self.reasons = set()
+        transport.registerProducer(self, True)
+
+    def pause_reading(self, reason):
+        if not self.reasons:
+            self.reader.pauseProducing()
+        self.reasons.add(reason)
+
+    def resume_reading(self, reason):
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self.reader.resumeProducing()
+
+    def pauseProducing(self):
+        self.pause_reading(self.UNREAD)
+        self.session.write_blocked()
+
+    def resumeProducing(self):
+        self.resume_reading(self.UNREAD)
+        self.session.write_unblocked()
+
+    def stopProducing(self):
+        pass
+
+
+class _Channel(Channel):
+    """What both stream transports' channels share."""
+
+    flow = None
+
+    def abort(self):
+        self.proto.transport.abortConnection()
+
+    def pause_reading(self, reason):
+        self.flow.pause_reading(reason)
+
+    def resume_reading(self, reason):
+        self.flow.resume_reading(reason)
+
+
 class _Sessions:
     """What every stream transport's factory shares: the registry and the loop."""
 
@@ -41,7 +101,7 @@ class _Sessions:
 
 # TCP
 
-class LineChannel(Channel):
+class LineChannel(_Channel):
 
     def __init__(self, proto):
         self.proto = proto
@@ -61,7 +121,11 @@ class StreamLineProtocol(LineReceiver):
     _discarding = False
 
     def connectionMade(self):
-        self.session = self.factory.session(LineChannel(self), "tcp")
+        channel = LineChannel(self)
+        self.session = self.factory.session(channel, "tcp")
+        # Pausing the LineReceiver, not just the transport, also stops it
+        # handing on the lines it has already read.
+        channel.flow = FlowControl(self.transport, self.session, reader=self)
         self.session.connection_made()
 
     def dataReceived(self, data):
@@ -105,7 +169,7 @@ class StreamLineFactory(_Sessions, protocol.Factory):
 
 # WebSocket
 
-class WebSocketChannel(Channel):
+class WebSocketChannel(_Channel):
 
     def __init__(self, proto, peer):
         self.proto = proto
@@ -133,8 +197,9 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
                                                        ", ".join(ENCODINGS)))
 
     def onOpen(self):
-        self.session = self.factory.session(
-            WebSocketChannel(self, self._peer_text), "websocket")
+        channel = WebSocketChannel(self, self._peer_text)
+        self.session = self.factory.session(channel, "websocket")
+        channel.flow = FlowControl(self.transport, self.session)
         self.session.connection_made()
 
     def onMessage(self, payload, isBinary):
@@ -160,15 +225,19 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
 class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
     protocol = StreamWebSocketProtocol
 
-    def __init__(self, registry, loop, limits):
+    def __init__(self, registry, loop, limits, ping_interval=20.0):
         _Sessions.__init__(self, registry, loop, limits)
         WebSocketServerFactory.__init__(self)
         hard = limits.max_message_bytes * WEBSOCKET_HARD_LIMIT_FACTOR
         # Text that is not UTF-8 gets an error message like any other bad
         # input instead of failing the connection.  A connection that must
         # fail gets a close frame saying why before the TCP connection ends.
+        # Pings keep proxies from closing quiet connections and find peers
+        # that vanished without closing.
         self.setProtocolOptions(maxMessagePayloadSize=hard, maxFramePayloadSize=hard,
-                                utf8validateIncoming=False, failByDrop=False)
+                                utf8validateIncoming=False, failByDrop=False,
+                                autoPingInterval=ping_interval,
+                                autoPingTimeout=ping_interval)
 
 
 # Status

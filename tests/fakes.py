@@ -35,6 +35,8 @@ class FakeChannel:
         self.peer = peer
         self.sent = []
         self.closed = False
+        self.aborted = False
+        self.paused = set()
 
     def send(self, message):
         assert not self.closed, "sent after close"
@@ -42,6 +44,15 @@ class FakeChannel:
 
     def close(self):
         self.closed = True
+
+    def abort(self):
+        self.closed = self.aborted = True
+
+    def pause_reading(self, reason):
+        self.paused.add(reason)
+
+    def resume_reading(self, reason):
+        self.paused.discard(reason)
 
     def of_type(self, kind):
         return [m for m in self.sent if m["type"] == kind]

@@ -22,14 +22,13 @@ from .test_messages import audio_json
 class SessionTests(unittest.TestCase):
 
     def setUp(self):
-        self.registry = StreamRegistry(2, GEOMETRY, 16000, MemoryReactorClock())
+        self.clock = MemoryReactorClock()
+        self.registry = StreamRegistry(2, GEOMETRY, 16000, self.clock)
         self.loop = FakeLoop()
 
-    def session(self, max_stream_seconds=300.0):
+    def session(self, **limits):
         channel = FakeChannel()
-        session = StreamSession(self.registry, self.loop,
-                                Limits(max_stream_seconds=max_stream_seconds),
-                                channel, "tcp")
+        session = StreamSession(self.registry, self.loop, Limits(**limits), channel, "tcp")
         session.connection_made()
         return session, channel
 
@@ -110,3 +109,57 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(channel.sent[-1]["message"],
                          "message too large: the limit is 1048576 bytes (got 5000000)")
         json.dumps(channel.sent)  # everything sent is plain JSON
+
+    def test_refused_while_shutting_down(self):
+        self.registry.closed = True
+        session, channel = self.session()
+        self.assertEqual(channel.sent, [messages.error("The server is shutting down.")])
+        self.assertTrue(channel.closed)
+        self.assertEqual(len(self.registry), 0)
+
+    def test_idle_timeout(self):
+        session, channel = self.session(idle_timeout=5.0)
+        self.clock.advance(4)
+        session.message_received(b'{"type": "ping"}')  # any message counts
+        self.clock.advance(4)
+        self.assertFalse(session.stream.finishing)
+        self.clock.advance(1)
+        self.assertEqual(session.stream.end_reason, "idle-timeout")
+        self.assertEqual(channel.sent[-1]["message"],
+                         "no message for 5 s (--idle-timeout): the stream was finalized")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_idle_timeout(self):
+        session, channel = self.session(idle_timeout=0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_backlog_pauses_reading(self):
+        session, channel = self.session(max_backlog_seconds=1.0)
+        session.message_received(audio_json(np.zeros(16000, np.float32)))
+        self.assertEqual(channel.paused, set())
+        session.message_received(audio_json(np.zeros(800, np.float32)))
+        self.assertEqual(channel.paused, {"backlog"})
+        stream = session.stream
+        # Results of decoded chunks resume reading once half the limit is left.
+        while stream.cutter.buffered_samples > 8000:
+            stream.cutter.next_chunk()
+            session.stream_result(stream, StepResult(stream.id, [], [], "", False))
+        self.assertEqual(channel.paused, set())
+
+    def test_write_timeout(self):
+        session, channel = self.session(write_timeout=3.0)
+        session.write_blocked()
+        self.clock.advance(2)
+        session.write_unblocked()
+        self.clock.advance(2)
+        self.assertFalse(channel.aborted)
+        session.write_blocked()
+        self.clock.advance(3)
+        self.assertTrue(channel.aborted)
+        self.flushLoggedErrors()
+
+    def test_timers_end_with_the_connection(self):
+        session, channel = self.session(idle_timeout=5.0, write_timeout=3.0)
+        session.write_blocked()
+        session.connection_lost()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -216,7 +216,25 @@ class CommandTests(unittest.TestCase):
                              expected)
             self.assertTrue(final["is_final"])
         yield wait_for(lambda: b"stream 2 closed (final)" in proc.out)
+        # Two streams are still open when the server is told to stop: they
+        # are decoded to their end and get their final results.
+        open_streams = []
+        for address in ("tcp://127.0.0.1:%d" % ports["TCP clients"],
+                        "ws://127.0.0.1:%d" % ports["WebSocket clients"]):
+            client = yield clients.connect(reactor, address)
+            yield client.next()
+            client.send_audio(audio)
+            yield client.next(lambda m: m["type"] == "result")
+            open_streams.append(client)
         transport.signalProcess("TERM")
+        for client in open_streams:
+            final = yield client.final()
+            yield client.closed
+            self.assertEqual([t for r in client.results() for t in r["token_ids"]],
+                             expected)
+            self.assertEqual(final["audio_ms"], 1500.0)
+            self.assertEqual(client.errors(),
+                             ["the server is shutting down: the stream was finalized"])
         code = yield proc.ended
         self.assertEqual(code, exit_status, proc.out[-3000:] + proc.err)
         self.assertIn(b"Main loop terminated.", proc.out)
@@ -236,6 +254,10 @@ class CommandTests(unittest.TestCase):
         self.assertRegex(out, r"stream 1 closed \(final\) for 127\.0\.0\.1:\d+: "
                               r"1\.50 s of audio in \d+\.\d\d s")
         self.assertRegex(out, r"stream 2 opened by 127\.0\.0\.1:\d+ over websocket")
+        self.assertRegex(out, r"stream 4 closed \(shutdown\)")
+        drained = re.search(r"drained 2 streams in (\d+\.\d+) s", out)
+        self.assertIsNotNone(drained, out)
+        sys.stderr.write("[drained 2 open streams in %s s] " % (drained.group(1),))
         sys.stderr.write("[start-up of parakeet-server serve with the tiny model: %.1f s] "
                          % (startup,))
 
@@ -271,6 +293,8 @@ class DocumentationTests(ServerTestMixin, unittest.TestCase):
         options = tap.Options()
         options.parseOptions(argv[4:])  # the server's own flags, all valid
         self.assertEqual(program["stopsignal"], "TERM")
+        # supervisord waits for the drain before it kills.
+        self.assertGreater(int(program["stopwaitsecs"]), options["drain-seconds"])
 
     @defer.inlineCallbacks
     def test_readme_client(self):
