@@ -6,6 +6,9 @@ import numpy as np
 
 ENCODINGS = ("pcm16", "f32")
 
+#: The largest f32 sample magnitude accepted: [-1, 1] with 6 dB to spare.
+F32_LIMIT = 2.0
+
 
 class AudioError(ValueError):
     """The audio payload is malformed; the message says how."""
@@ -25,6 +28,12 @@ def decode_samples(payload, encoding):
         samples = np.frombuffer(payload, dtype="<f4").astype(np.float32)
         if not np.isfinite(samples).all():
             raise AudioError("f32 audio contains NaN or infinite samples")
+        peak = float(np.abs(samples).max()) if len(samples) else 0.0
+        if peak > F32_LIMIT:
+            # Far outside [-1, 1] is a client bug (often pcm16 values sent as
+            # f32), and large enough values overflow the model's features.
+            raise AudioError("f32 audio must lie in [-1, 1]: got a sample of magnitude "
+                             "%.3g" % (peak,))
         return samples
     raise AudioError("unknown audio encoding %r (expected one of: %s)"
                      % (encoding, ", ".join(ENCODINGS)))

@@ -236,6 +236,11 @@ class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
         # that vanished without closing.
         self.setProtocolOptions(maxMessagePayloadSize=hard, maxFramePayloadSize=hard,
                                 utf8validateIncoming=False, failByDrop=False,
+                                # Autobahn's timers round down to whole seconds,
+                                # and a client must have the final result (sent
+                                # just before the close) well before the server
+                                # gives up on the closing handshake.
+                                closeHandshakeTimeout=10,
                                 autoPingInterval=ping_interval,
                                 autoPingTimeout=ping_interval)
 

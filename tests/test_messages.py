@@ -76,6 +76,15 @@ class ParseTests(unittest.TestCase):
             samples = np.array([0.0, bad], dtype=np.float32)
             self.assertRejected(audio_json(samples, encoding="f32"), "NaN or infinite")
 
+    def test_f32_out_of_range(self):
+        # pcm16 values sent as f32, say: refused before they reach the model.
+        samples = np.array([0.0, 1200.0, -3.0], dtype=np.float32)
+        self.assertRejected(audio_json(samples, encoding="f32"),
+                            "f32 audio must lie in [-1, 1]: got a sample of magnitude 1.2e+03")
+        edge = np.array([2.0, -2.0, 1.5], dtype=np.float32)
+        np.testing.assert_array_equal(
+            messages.parse(audio_json(edge, encoding="f32")).samples, edge)
+
 
 class BuildTests(unittest.TestCase):
 
