@@ -168,7 +168,8 @@ def makeService(config, reactor=None, engine=None):
              StreamLineFactory(registry, loop, limits, reactor),
              "TCP clients").setServiceParent(top)
     Listener(reactor, tcp_endpoint(host, config["ws-port"]),
-             StreamWebSocketFactory(registry, loop, limits, config["ws-ping-interval"]),
+             StreamWebSocketFactory(registry, loop, limits, reactor,
+                                    config["ws-ping-interval"]),
              "WebSocket clients").setServiceParent(top)
     if config["status-port"] is not None:
         Listener(reactor, tcp_endpoint(host, config["status-port"]),

@@ -17,6 +17,10 @@ from . import messages
 from .audio import ENCODINGS
 from .protocol import Channel, StreamSession
 
+#: Seconds a failed WebSocket connection has to take the server's close
+#: frame before it is aborted.
+CLOSE_FLUSH_SECONDS = 5
+
 #: How far past the message limit a WebSocket message may go before the
 #: connection is failed (close code 1009) instead of the message refused.
 WEBSOCKET_HARD_LIMIT_FACTOR = 4
@@ -186,6 +190,27 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
     """One stream per WebSocket connection; one JSON object per message."""
 
     session = None
+    _abort_later = None
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        # Autobahn sends its handshake errors with no header fields; two
+        # status codes must carry one (RFC 9110 sections 15.5.6 and 15.5.22).
+        headers = list(responseHeaders or [])
+        if code == 405:
+            headers.append(("Allow", "GET"))
+        elif code == 426:
+            headers += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+        WebSocketServerProtocol.failHandshake(self, reason, code, headers)
+
+    def _closeConnection(self, abort=False):
+        # Where Autobahn fails a connection over a bad close frame it queues
+        # its own close frame and then aborts, which throws the frame away.
+        # Close gracefully, so what was queued is written, and abort only if
+        # the client does not take it in time.
+        self.transport.loseConnection()
+        if abort and self._abort_later is None:
+            self._abort_later = self.factory.reactor.callLater(
+                CLOSE_FLUSH_SECONDS, self.transport.abortConnection)
 
     def onConnect(self, request):
         self._peer_text = _peer(self.transport.getPeer())
@@ -218,6 +243,8 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        if self._abort_later is not None and self._abort_later.active():
+            self._abort_later.cancel()
         if self.session is not None:
             self.session.connection_lost()
 
@@ -225,9 +252,10 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
 class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
     protocol = StreamWebSocketProtocol
 
-    def __init__(self, registry, loop, limits, ping_interval=20.0):
+    def __init__(self, registry, loop, limits, reactor, ping_interval=20.0):
         _Sessions.__init__(self, registry, loop, limits)
         WebSocketServerFactory.__init__(self)
+        self.reactor = reactor
         hard = limits.max_message_bytes * WEBSOCKET_HARD_LIMIT_FACTOR
         # Text that is not UTF-8 gets an error message like any other bad
         # input instead of failing the connection.  A connection that must
@@ -241,6 +269,9 @@ class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
                                 # just before the close) well before the server
                                 # gives up on the closing handshake.
                                 closeHandshakeTimeout=10,
+                                # A plain HTTP request gets an error status, not
+                                # Autobahn's status page.
+                                webStatus=False,
                                 autoPingInterval=ping_interval,
                                 autoPingTimeout=ping_interval)
 
