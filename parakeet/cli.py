@@ -6,13 +6,15 @@ import sys
 
 from twisted.python import usage
 
-from . import __version__, tap
+from . import __version__, bench, tap
 
 
 class Options(usage.Options):
     synopsis = "Usage: parakeet-server <command> [options]"
     subCommands = [
         ("serve", None, tap.Options, "Run the streaming speech recognition server."),
+        ("bench", None, bench.Options, "Load a running server with real-time streams "
+         "and report latency."),
     ]
 
     def opt_version(self):
@@ -22,7 +24,7 @@ class Options(usage.Options):
 
     def postOptions(self):
         if self.subCommand is None:
-            raise usage.UsageError("choose a command: serve")
+            raise usage.UsageError("choose a command: serve or bench")
 
     def getUsage(self, width=None):
         text = usage.Options.getUsage(self, width)
@@ -73,3 +75,5 @@ def main(argv=None):
         sys.exit(2)
     if options.subCommand == "serve":
         sys.exit(serve(options.subOptions))
+    if options.subCommand == "bench":
+        sys.exit(bench.main(options.subOptions, sys.argv[1:] if argv is None else argv))

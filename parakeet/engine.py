@@ -79,7 +79,7 @@ class Engine:
 
     @classmethod
     def load(cls, model_name, device=None, num_slots=16, batch_size=16,
-             chunk_ms=None, compute_dtype=None):
+             chunk_ms=None, compute_dtype=None, fast_encoder=True):
         quiet_nemo()
         from .pipeline import ServingPipeline, pipeline_config
 
@@ -89,7 +89,7 @@ class Engine:
         cfg = pipeline_config(
             model_name, device=kind, device_id=index, compute_dtype=compute_dtype,
             num_slots=num_slots, batch_size=min(batch_size, num_slots))
-        return cls(ServingPipeline.build(cfg, chunk_ms=chunk_ms), model_name)
+        return cls(ServingPipeline.build(cfg, chunk_ms=chunk_ms, fast_encoder=fast_encoder), model_name)
 
     @property
     def sample_rate(self):

@@ -40,6 +40,7 @@ from nemo.collections.asr.inference.pipelines.cache_aware_rnnt_pipeline import (
     CacheAwareRNNTPipeline,
 )
 
+from .fastencoder import accelerate
 from .models import load_asr_model
 
 
@@ -139,7 +140,7 @@ class ServingPipeline(CacheAwareRNNTPipeline):
         self.emitted = {}
 
     @classmethod
-    def build(cls, cfg, chunk_ms=None):
+    def build(cls, cfg, chunk_ms=None, fast_encoder=True):
         """Load the model named in cfg and build the pipeline around it.
 
         chunk_ms picks one of the look-aheads a multi-look-ahead model was
@@ -152,6 +153,8 @@ class ServingPipeline(CacheAwareRNNTPipeline):
             compute_dtype=cfg.asr.compute_dtype, use_amp=cfg.asr.use_amp)
         if chunk_ms is not None:
             cfg.streaming.att_context_size = att_context_for(asr, chunk_ms)
+        if fast_encoder:
+            accelerate(asr.asr_model)
         return cls(cfg, asr)
 
     def transcribe_step_for_feature_buffers(self, fbuffers):
