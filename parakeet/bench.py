@@ -38,6 +38,8 @@ from twisted.internet import defer, endpoints, task
 from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 
+from .tap import not_negative, positive
+
 #: What espeak-ng reads aloud when no --audio is given.
 SPEECH_TEXT = (
     "Turn on the kitchen lights and set a timer for ten minutes. "
@@ -62,22 +64,6 @@ DEFINITIONS = {
 
 
 # options
-
-def _positive(kind):
-    def coerce(value):
-        number = kind(value)
-        if number <= 0:
-            raise ValueError("must be greater than zero")
-        return number
-    return coerce
-
-
-def _non_negative(value):
-    number = float(value)
-    if number < 0:
-        raise ValueError("must not be negative")
-    return number
-
 
 class Target:
     """The server to load: transport (``ws`` or ``tcp``), host, port and URL."""
@@ -124,24 +110,24 @@ class Options(usage.Options):
         ("url", None, "ws://127.0.0.1:8000",
          "Server to load: ws://HOST:PORT[/PATH] or tcp://HOST:PORT."),
         ("streams", "n", 1, "Concurrent streams (with --find-max: the first probe).",
-         _positive(int)),
+         positive(int)),
         ("seconds", None, 30.0, "Audio each stream sends, in seconds; its audio is "
-         "looped to fill them.", _positive(float)),
-        ("chunk-ms", None, 100, "Audio per message, in milliseconds.", _positive(int)),
+         "looped to fill them.", positive(float)),
+        ("chunk-ms", None, 100, "Audio per message, in milliseconds.", positive(int)),
         ("stagger", None, None, "Stream starts are spread evenly over this many "
-         "seconds [default: min(seconds / 4, 5)].", _non_negative),
+         "seconds [default: min(seconds / 4, 5)].", not_negative(float)),
         ("audio", None, None, "A mono WAV or FLAC file to send [default: speech "
          "synthesized by espeak-ng when it is installed, else synthetic tones]."),
         ("keep-up-ms", None, 1000.0, "A stream keeps up while every result's latency "
-         "and its time-to-final stay within this many ms.", _positive(float)),
+         "and its time-to-final stay within this many ms.", positive(float)),
         ("p95-ms", None, 320.0, "--find-max: most p95 latency, in ms, a passing "
-         "probe may have.", _positive(float)),
+         "probe may have.", positive(float)),
         ("max-streams", None, 1024, "--find-max: the most streams to try.",
-         _positive(int)),
+         positive(int)),
         ("pause", None, 2.0, "--find-max: seconds to wait between probes.",
-         _non_negative),
+         not_negative(float)),
         ("final-timeout", None, 30.0, "Seconds a stream waits for its final result "
-         "after its last audio.", _positive(float)),
+         "after its last audio.", positive(float)),
         ("server-pid", None, None, "PID of the server, when it runs on this machine: "
          "report its CPU and memory.", int),
         ("json", None, None, "Also write the full report to this file as JSON."),
@@ -149,9 +135,9 @@ class Options(usage.Options):
          "in-process (parakeet.ceiling) at the same N before the load."),
         ("ceiling-device", None, "cpu", "PyTorch device for --ceiling-model."),
         ("ceiling-seconds", None, 8.0, "Audio per stream for --ceiling-model, in "
-         "seconds.", _positive(float)),
+         "seconds.", positive(float)),
         ("ceiling-threads", None, None, "torch CPU threads for --ceiling-model "
-         "[default: torch's own].", _positive(int)),
+         "[default: torch's own].", positive(int)),
     ]
     optFlags = [
         ("binary", None, "Send audio as binary WebSocket messages of raw pcm16 "

@@ -23,7 +23,7 @@ def _port(value):
     return port
 
 
-def _positive(kind):
+def positive(kind):
     def coerce(value):
         number = kind(value)
         if number <= 0:
@@ -32,7 +32,7 @@ def _positive(kind):
     return coerce
 
 
-def _not_negative(kind):
+def not_negative(kind):
     def coerce(value):
         number = kind(value)
         if number < 0:
@@ -83,29 +83,29 @@ class Options(usage.Options):
         ("sample-rate", None, 16000, "Sample rate of the audio clients send, in Hz "
          "(8000-48000); resampled to the model's rate when different.", _sample_rate),
         ("max-num-streams", None, 100, "Most concurrent streams; more are refused.",
-         _positive(int)),
+         positive(int)),
         ("max-stream-seconds", None, 300.0, "Most audio one stream may send, in "
-         "seconds; the stream is finalized when it is reached.", _positive(float)),
+         "seconds; the stream is finalized when it is reached.", positive(float)),
         ("max-message-bytes", None, 1 << 20, "Largest client message (a TCP line or "
-         "a WebSocket message), in bytes.", _positive(int)),
+         "a WebSocket message), in bytes.", positive(int)),
         ("max-batch", None, None, "Most streams decoded in one model step "
-         "[default: --max-num-streams].", _positive(int)),
+         "[default: --max-num-streams].", positive(int)),
         ("idle-timeout", None, 60.0, "Seconds a stream may go without any message "
-         "(audio, ping) before it is finalized; 0: never.", _not_negative(float)),
+         "(audio, ping) before it is finalized; 0: never.", not_negative(float)),
         ("write-timeout", None, 30.0, "Seconds a client may leave the server's messages "
-         "unread before its connection is dropped; 0: never.", _not_negative(float)),
+         "unread before its connection is dropped; 0: never.", not_negative(float)),
         ("max-backlog-seconds", None, 10.0, "Seconds of a stream's audio received but "
          "not yet decoded at which the server stops reading from that client until "
-         "the decoder catches up.", _positive(float)),
+         "the decoder catches up.", positive(float)),
         ("drain-seconds", None, 10.0, "On SIGTERM, seconds to finish decoding the open "
          "streams and send their final results before exiting.",
-         _not_negative(float)),
+         not_negative(float)),
         ("ws-ping-interval", None, 20.0, "Seconds between WebSocket pings (2 or more: "
          "the timers have one-second resolution); a client that does not answer "
          "within as long again is dropped; 0: no pings.", _ping_interval),
         ("chunk-ms", None, None, "Audio per model step in ms, for models trained "
          "with several look-aheads (80, 160, 560 or 1120 for the large model) "
-         "[default: the model's own].", _positive(int)),
+         "[default: the model's own].", positive(int)),
     ]
 
     def postOptions(self):

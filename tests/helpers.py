@@ -76,3 +76,23 @@ def offline_tokens(engine, audio):
         hyp = model.decoding.rnnt_decoder_predictions_tensor(
             encoded, encoded_len, return_hypotheses=True)[0]
     return hyp.y_sequence.tolist(), int(feat_len[0])
+
+
+def staggered_batches(cutters, audios, starts, piece=2560):
+    """Feed each stream piece samples per tick from its start tick on, and
+    yield the chunks ready at each tick, as the decode loop would batch them."""
+    tick = 0
+    while not all(c.done for c in cutters):
+        chunks = []
+        for i, cutter in enumerate(cutters):
+            offset = (tick - starts[i]) * piece
+            if offset >= 0 and not cutter.finished:
+                cutter.push(audios[i][offset:offset + piece])
+                if offset + piece >= len(audios[i]):
+                    cutter.finish()
+            chunk = cutter.next_chunk()
+            if chunk is not None:
+                chunks.append(chunk)
+        if chunks:
+            yield chunks
+        tick += 1

@@ -7,7 +7,8 @@ from twisted.trial import unittest
 
 from parakeet.frontend import ChunkCutter
 
-from .helpers import assert_engine_idle, offline_tokens, shared_tiny_engine, speechlike
+from .helpers import (
+    assert_engine_idle, offline_tokens, shared_tiny_engine, speechlike, staggered_batches)
 
 
 def stream_alone(engine, audio, stream_id, piece=1000):
@@ -76,27 +77,14 @@ class EngineTests(unittest.TestCase):
         audios = [speechlike(40 + i, s) for i, s in enumerate(lengths)]
         alone = [tokens_of(stream_alone(self.engine, a, 100 + i))
                  for i, a in enumerate(audios)]
-        piece = 2560  # 160 ms of audio per tick
         cutters = [ChunkCutter(i + 1, self.engine.geometry) for i in range(8)]
         together = [[] for _ in range(8)]
         sizes = []
-        tick = 0
-        while not all(c.done for c in cutters):
-            chunks = []
-            for i, cutter in enumerate(cutters):
-                offset = (tick - starts[i]) * piece
-                if offset >= 0 and not cutter.finished:
-                    cutter.push(audios[i][offset:offset + piece])
-                    if offset + piece >= len(audios[i]):
-                        cutter.finish()
-                chunk = cutter.next_chunk()
-                if chunk is not None:
-                    chunks.append(chunk)
-            if chunks:
-                sizes.append(len(chunks))
-                for result in self.engine.step(chunks):
-                    together[result.stream_id - 1] += result.token_ids
-            tick += 1
+        # 160 ms of audio per tick.
+        for chunks in staggered_batches(cutters, audios, starts, piece=2560):
+            sizes.append(len(chunks))
+            for result in self.engine.step(chunks):
+                together[result.stream_id - 1] += result.token_ids
         self.assertGreaterEqual(max(sizes), 6)
         for i in range(8):
             self.assertEqual(together[i], alone[i], "stream %d" % i)

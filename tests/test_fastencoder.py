@@ -18,7 +18,8 @@ from parakeet import fastencoder
 from parakeet.engine import Engine
 from parakeet.frontend import ChunkCutter
 
-from .helpers import assert_engine_idle, shared_tiny_engine, speechlike, tiny_model_path
+from .helpers import (
+    assert_engine_idle, shared_tiny_engine, speechlike, staggered_batches, tiny_model_path)
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -74,25 +75,11 @@ def run_schedule(engine, starts, seconds, seed=0):
     cutters = [ChunkCutter(i + 1, engine.geometry) for i in range(len(audios))]
     tokens = [[] for _ in audios]
     kinds = []
-    piece = 2560
-    tick = 0
     with recorded_encoder_outputs(engine) as outputs:
-        while not all(c.done for c in cutters):
-            chunks = []
-            for i, cutter in enumerate(cutters):
-                offset = (tick - starts[i]) * piece
-                if offset >= 0 and not cutter.finished:
-                    cutter.push(audios[i][offset:offset + piece])
-                    if offset + piece >= len(audios[i]):
-                        cutter.finish()
-                chunk = cutter.next_chunk()
-                if chunk is not None:
-                    chunks.append(chunk)
-            if chunks:
-                kinds.append({(c.is_first, c.is_last) for c in chunks})
-                for result in engine.step(chunks):
-                    tokens[result.stream_id - 1] += result.token_ids
-            tick += 1
+        for chunks in staggered_batches(cutters, audios, starts):
+            kinds.append({(c.is_first, c.is_last) for c in chunks})
+            for result in engine.step(chunks):
+                tokens[result.stream_id - 1] += result.token_ids
     return tokens, outputs, kinds
 
 
