@@ -75,6 +75,8 @@ class StreamSession:
         self._idle = None
         self._unread = None
         self._backlogged = False
+        #: Undecoded samples at which reading from the client pauses.
+        self._max_backlog = limits.max_backlog_seconds * registry.geometry.sample_rate
 
     # transport events
 
@@ -205,8 +207,7 @@ class StreamSession:
         stream.push(samples)
         if message.final:
             self._finish("final")
-        elif (not self._backlogged and stream.cutter.buffered_samples
-              > self.limits.max_backlog_seconds * self.registry.geometry.sample_rate):
+        elif not self._backlogged and stream.cutter.buffered_samples > self._max_backlog:
             # Sent faster than it is decoded: read no more until it catches up.
             self._backlogged = True
             self.channel.pause_reading(BACKLOG)
@@ -224,8 +225,7 @@ class StreamSession:
     def stream_result(self, stream, result):
         if not self.connected:
             return
-        if self._backlogged and stream.cutter.buffered_samples <= (
-                self.limits.max_backlog_seconds * self.registry.geometry.sample_rate / 2):
+        if self._backlogged and stream.cutter.buffered_samples <= self._max_backlog / 2:
             self._backlogged = False
             self.channel.resume_reading(BACKLOG)
         if result.token_ids or result.is_last:
