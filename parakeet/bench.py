@@ -136,6 +136,8 @@ class Options(usage.Options):
         ("ceiling-device", None, "cpu", "PyTorch device for --ceiling-model."),
         ("ceiling-seconds", None, 8.0, "Audio per stream for --ceiling-model, in "
          "seconds.", positive(float)),
+        ("ceiling-precision", None, None, "Model arithmetic for --ceiling-model, as "
+         "the server's --precision [default: the server's default]."),
         ("ceiling-threads", None, None, "torch CPU threads for --ceiling-model "
          "[default: torch's own].", positive(int)),
     ]
@@ -794,20 +796,22 @@ def verdict(run, p95_ms):
 
 # the in-process ceiling
 
-def load_engine(path, device, capacity):
+def load_engine(path, device, capacity, precision=None):
     """The model at path, ready to decode capacity streams in one step."""
     from .engine import Engine
 
-    return Engine.load(path, device=device, num_slots=capacity, batch_size=capacity)
+    return Engine.load(path, device=device, num_slots=capacity, batch_size=capacity,
+                       precision=precision)
 
 
 class Ceiling:
     """The served model driven in-process by :mod:`parakeet.ceiling`: what
     the engine can do with no sockets and no reactor."""
 
-    def __init__(self, path, device, seconds, threads=None):
+    def __init__(self, path, device, seconds, threads=None, precision=None):
         self.path = path
         self.device = device
+        self.precision = precision
         self.seconds = seconds
         self.threads = threads
         self.engine = None
@@ -826,7 +830,7 @@ class Ceiling:
             self.engine = None
             gc.collect()
             self.capacity = max(n, 16, 2 * self.capacity)
-            self.engine = load_engine(self.path, self.device, self.capacity)
+            self.engine = load_engine(self.path, self.device, self.capacity, self.precision)
         times = ceiling.measure(self.engine, n, self.seconds, self._next_id)
         self._next_id += n
         chunk = self.engine.geometry.chunk_seconds
@@ -1064,16 +1068,20 @@ def _ceiling(reactor, options, say):
     from twisted.python.threadpool import ThreadPool
 
     ceiling = Ceiling(options["ceiling-model"], options["ceiling-device"],
-                      options["ceiling-seconds"], options["ceiling-threads"])
+                      options["ceiling-seconds"], options["ceiling-threads"],
+                      options["ceiling-precision"])
     pool = ThreadPool(1, 1, "bench-ceiling")
     pool.start()
     section = {"model": options["ceiling-model"], "device": options["ceiling-device"],
+               "precision": options["ceiling-precision"],
                "seconds": options["ceiling-seconds"], "threads": options["ceiling-threads"],
                "probes": [], "max_streams": None}
     say()
-    say("ceiling: %s driven in-process on %s with %s torch threads (parakeet.ceiling), "
-        "the server idle" % (options["ceiling-model"], options["ceiling-device"],
-                             options["ceiling-threads"] or "the default number of"))
+    say("ceiling: %s driven in-process on %s in %s with %s torch threads "
+        "(parakeet.ceiling), the server idle"
+        % (options["ceiling-model"], options["ceiling-device"],
+           options["ceiling-precision"] or "its default precision",
+           options["ceiling-threads"] or "the default number of"))
 
     @defer.inlineCallbacks
     def probe(n):

@@ -30,6 +30,7 @@ class Options(usage.Options):
         ("streams", None, "1,2,4,8", "Comma-separated stream counts to measure."),
         ("seconds", None, 8.0, "Audio per stream, in seconds.", float),
         ("device", None, "cpu", "PyTorch device."),
+        ("precision", None, None, "Model arithmetic, as serve --precision."),
         ("threads", None, None, "torch CPU threads [default: torch's own].", int),
     ]
 
@@ -88,10 +89,11 @@ def main(argv=None):
     path = options["model"] or replica_path(options["arch"], options["cache-dir"])
     started = time.perf_counter()
     engine = Engine.load(path, device=options["device"], num_slots=max(counts),
-                         batch_size=max(counts), fast_encoder=not options["no-fast-encoder"])
+                         batch_size=max(counts), precision=options["precision"],
+                         fast_encoder=not options["no-fast-encoder"])
     chunk = engine.geometry.chunk_seconds
-    print("model %s on %s, %d torch threads: loaded in %.1f s, %.0f ms chunks"
-          % (path, engine.device, torch.get_num_threads(),
+    print("model %s on %s in %s, %d torch threads: loaded in %.1f s, %.0f ms chunks"
+          % (path, engine.device, engine.precision, torch.get_num_threads(),
              time.perf_counter() - started, chunk * 1000))
     print("%8s %12s %12s %10s %14s" % ("streams", "step p50 ms", "step p95 ms",
                                        "RTF", "real time?"))

@@ -12,7 +12,7 @@ import torch
 from twisted.logger import Logger
 
 from .frontend import ChunkGeometry
-from .models import quiet_nemo
+from .models import PRECISIONS, quiet_nemo
 
 log = Logger()
 
@@ -50,9 +50,10 @@ def parse_device(device):
 class Engine:
     """A served model: chunk geometry, feature extraction and the batched step."""
 
-    def __init__(self, pipeline, model_name):
+    def __init__(self, pipeline, model_name, precision="float32"):
         self.pipeline = pipeline
         self.model_name = model_name
+        self.precision = precision
         self.device = pipeline.device
         cfg = pipeline.asr_model.asr_model.encoder.streaming_cfg
         featurizer = pipeline.preprocessor.featurizer
@@ -79,17 +80,30 @@ class Engine:
 
     @classmethod
     def load(cls, model_name, device=None, num_slots=16, batch_size=16,
-             chunk_ms=None, compute_dtype=None, fast_encoder=True):
+             chunk_ms=None, precision=None, fast_encoder=True):
+        """precision: ``float32``, ``bfloat16``, ``float16``, or ``int8``
+        (CPU only: eight-bit encoder weights, :mod:`parakeet.quantize`);
+        None: bfloat16 on CUDA, float32 on the CPU."""
         quiet_nemo()
         from .pipeline import ServingPipeline, pipeline_config
 
         kind, index = parse_device(device)
-        if compute_dtype is None:
-            compute_dtype = "bfloat16" if kind == "cuda" else "float32"
+        if precision is None:
+            precision = "bfloat16" if kind == "cuda" else "float32"
+        if precision not in PRECISIONS:
+            raise ValueError("unknown precision %r (use %s)" % (precision, ", ".join(PRECISIONS)))
+        if precision == "int8" and kind != "cpu":
+            raise ValueError("precision int8 is for the CPU; use bfloat16 on CUDA")
         cfg = pipeline_config(
-            model_name, device=kind, device_id=index, compute_dtype=compute_dtype,
+            model_name, device=kind, device_id=index,
+            compute_dtype="float32" if precision == "int8" else precision,
             num_slots=num_slots, batch_size=min(batch_size, num_slots))
-        return cls(ServingPipeline.build(cfg, chunk_ms=chunk_ms, fast_encoder=fast_encoder), model_name)
+        pipeline = ServingPipeline.build(cfg, chunk_ms=chunk_ms, fast_encoder=fast_encoder)
+        if precision == "int8":
+            from .quantize import quantize_encoder
+
+            quantize_encoder(pipeline.asr_model.asr_model.encoder)
+        return cls(pipeline, model_name, precision)
 
     @property
     def sample_rate(self):

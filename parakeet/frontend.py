@@ -104,6 +104,12 @@ class ChunkCutter:
         """Samples received but not yet handed to the model."""
         return self.received - max(0, self.frames_done * self.geometry.hop)
 
+    @property
+    def ready(self):
+        """Whether :meth:`next_chunk` would return a chunk now."""
+        return not self.done and (
+            self.finished or self.received >= self.geometry.samples_needed(self.frames_done))
+
     def push(self, samples):
         if self.finished:
             raise ValueError("audio after the end of the stream")

@@ -10,6 +10,9 @@ MODEL_SIZES = {
     "large": "nvidia/nemotron-speech-streaming-en-0.6b",
 }
 
+#: Model arithmetic the server offers (``--precision``).
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+
 
 def quiet_nemo():
     """NeMo logs every detail of model loading at INFO, and its telemetry

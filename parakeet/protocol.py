@@ -207,7 +207,11 @@ class StreamSession:
         stream.push(samples)
         if message.final:
             self._finish("final")
-        elif not self._backlogged and stream.cutter.buffered_samples > self._max_backlog:
+            return
+        if stream.cutter.ready and not self.loop.busy:
+            # Start its step now rather than at the loop's next tick.
+            self.loop.step()
+        if not self._backlogged and stream.cutter.buffered_samples > self._max_backlog:
             # Sent faster than it is decoded: read no more until it catches up.
             self._backlogged = True
             self.channel.pause_reading(BACKLOG)

@@ -40,6 +40,8 @@ class Options(usage.Options):
 class _IdleLoop:
     """Stands in for the decode loop: chunks are cut, not decoded."""
 
+    busy = False
+
     def step(self):
         pass
 

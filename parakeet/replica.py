@@ -12,8 +12,9 @@ Random RNNT weights are degenerate: the joint network sees an encoder output
 that barely moves over time, so greedy decoding emits either nothing or the
 same token ``max_symbols`` times on every frame.  ``build_replica`` therefore
 re-centres the joint's encoder projection on the encoder's mean output and
-picks a blank bias for which a fraction of frames emit, so that the tokens a
-replica emits depend on the audio it hears.
+picks a blank bias for which greedy decoding emits about 0.3 tokens per
+80 ms frame, as real speech does, so that the decoder's share of a step is
+the real one and the tokens a replica emits depend on the audio it hears.
 """
 
 import os
@@ -40,10 +41,13 @@ class Architecture:
     att_context_size = attr.ib(default=(70, 1))
     conv_kernel_size = attr.ib(default=9)
     eou_token = attr.ib(default=True)
+    #: Tokens greedy decoding emits per encoder frame, as calibrated.
+    tokens_per_frame = attr.ib(default=0.3)
 
 
 #: Published shapes of the two checkpoints the server serves by name, and a
-#: tiny member of the same family that the tests build in seconds.
+#: tiny member of the same family that the tests build in seconds (it emits
+#: densely, so that tests see many tokens in little audio).
 ARCHITECTURES = {
     "small": Architecture(
         n_layers=17, d_model=512, n_heads=8, features=128,
@@ -56,7 +60,7 @@ ARCHITECTURES = {
     "tiny": Architecture(
         n_layers=2, d_model=64, n_heads=4, features=80,
         subsampling_channels=32, pred_hidden=64, pred_layers=1,
-        joint_hidden=64, vocab_size=64),
+        joint_hidden=64, vocab_size=64, tokens_per_frame=4.0),
 }
 
 
@@ -166,7 +170,12 @@ def calibration_audio(seed, seconds=3.0):
     return (tone + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def _calibrate_joint(model, emit_fraction=0.3):
+def _calibrate_joint(model, tokens_per_frame=0.3):
+    """Centre the joint on the encoder's output, then raise the blank bias
+    until greedy decoding emits about tokens_per_frame tokens per encoder
+    frame, the rate of real speech (a word or so a second), on tones, on
+    silence and on faint noise alike."""
+    import numpy as np
     import torch
 
     def encode(audio):
@@ -175,8 +184,11 @@ def _calibrate_joint(model, emit_fraction=0.3):
         feats, feat_len = model.preprocessor(input_signal=signal, length=length)
         return model.encoder(audio_signal=feats, length=feat_len)
 
+    quiet = np.zeros(4 * SAMPLE_RATE, np.float32)
+    faint = (0.01 * np.random.default_rng(99).standard_normal(4 * SAMPLE_RATE)).astype(np.float32)
     with torch.no_grad():
-        encoded = torch.cat([encode(calibration_audio(s))[0] for s in range(4)], dim=2)
+        encoded = torch.cat([encode(audio)[0] for audio in (
+            [calibration_audio(s) for s in range(4)] + [quiet, faint])], dim=2)
         mean = encoded.mean(dim=(0, 2))
         spread = encoded.std(dim=2).mean()
         proj = model.joint.enc
@@ -184,23 +196,17 @@ def _calibrate_joint(model, emit_fraction=0.3):
         proj.weight.copy_(weight)
         proj.bias.sub_(weight @ mean)
         out = model.joint.joint_net[-1]
-        probe = calibration_audio(99)
-        enc, enc_len = encode(probe)
-        frames = int(enc_len[0])
+        probes = [encode(audio) for audio in (calibration_audio(99, 6.0), quiet, faint)]
         base = out.bias[-1].clone()
-        best = None
-        for shift in range(0, 40):
-            out.bias[-1] = base + shift
-            hyp = model.decoding.rnnt_decoder_predictions_tensor(
-                enc, enc_len, return_hypotheses=True)[0]
-            emitting = len(set(hyp.timestamp.tolist() if hasattr(hyp.timestamp, "tolist")
-                               else hyp.timestamp))
-            fraction = emitting / frames
-            if best is None or abs(fraction - emit_fraction) < abs(best[1] - emit_fraction):
-                best = (shift, fraction)
-            if fraction < emit_fraction:
+        for step in range(160):
+            out.bias[-1] = base + step / 4
+            rates = []
+            for enc, enc_len in probes:
+                hyp = model.decoding.rnnt_decoder_predictions_tensor(
+                    enc, enc_len, return_hypotheses=True)[0]
+                rates.append(len(hyp.y_sequence) / int(enc_len[0]))
+            if sum(rates) / len(rates) <= tokens_per_frame and max(rates) <= 2 * tokens_per_frame:
                 break
-        out.bias[-1] = base + best[0]
 
 
 def build_replica(name_or_arch, path, seed=0):
@@ -220,7 +226,7 @@ def build_replica(name_or_arch, path, seed=0):
             eou_token=arch.eou_token, seed=seed)
         model = EncDecRNNTBPEModel(cfg=model_config(arch, tokenizer_dir))
         model.eval()
-        _calibrate_joint(model)
+        _calibrate_joint(model, arch.tokens_per_frame)
         tmp = path + ".partial"
         model.save_to(tmp)
     os.replace(tmp, path)

@@ -62,6 +62,7 @@ class FakeLoop:
 
     def __init__(self):
         self.steps = 0
+        self.busy = False
 
     def step(self):
         self.steps += 1

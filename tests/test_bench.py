@@ -381,8 +381,8 @@ class BenchAgainstServerTests(ServerTestMixin, unittest.TestCase):
         # second copy of the model.
         loaded = []
 
-        def load_engine(path, device, capacity):
-            self.assertEqual((path, device), (tiny_model_path(), "cpu"))
+        def load_engine(path, device, capacity, precision):
+            self.assertEqual((path, device, precision), (tiny_model_path(), "cpu", "float32"))
             loaded.append(capacity)
             return self.engine
 
@@ -391,7 +391,8 @@ class BenchAgainstServerTests(ServerTestMixin, unittest.TestCase):
             "--url", "ws://127.0.0.1:%d" % self.ports["WebSocket clients"],
             "--find-max", "--max-streams", "2", "--seconds", "1.5", "--pause", "0",
             "--p95-ms", "100000", "--keep-up-ms", "100000",
-            "--ceiling-model", tiny_model_path(), "--ceiling-seconds", "2")
+            "--ceiling-model", tiny_model_path(), "--ceiling-seconds", "2",
+            "--ceiling-precision", "float32")
         probes = [(p["streams"], p["passed"]) for p in report["find_max"]["probes"]]
         self.assertEqual([r["streams"] for r in report["runs"]], [n for n, _ in probes])
         self.assertEqual([r["passed"] for r in report["runs"]], [p for _, p in probes])

@@ -41,12 +41,19 @@ class ChunkCutterTests(unittest.TestCase):
     def test_first_chunk_waits_for_its_audio(self):
         cutter = ChunkCutter(1, G)
         cutter.push(np.zeros(G.samples_needed(0) - 1, np.float32))
+        self.assertFalse(cutter.ready)
         self.assertIsNone(cutter.next_chunk())
         cutter.push(np.zeros(1, np.float32))
+        self.assertTrue(cutter.ready)
         chunk = cutter.next_chunk()
         self.assertEqual((chunk.is_first, chunk.is_last, chunk.n_frames, chunk.valid_frames),
                          (True, False, 9, 9))
+        self.assertFalse(cutter.ready)
         self.assertIsNone(cutter.next_chunk())
+        cutter.finish()
+        self.assertTrue(cutter.ready)  # the rest, however short, is the last chunk
+        self.assertTrue(cutter.next_chunk().is_last)
+        self.assertFalse(cutter.ready)
 
     def test_segments_hold_the_samples_their_frames_need(self):
         samples = np.arange(1, 8001, dtype=np.float32)  # 0.5 s, every sample distinct

@@ -59,6 +59,18 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(session.stream.end_reason, "final")
         self.assertEqual(self.loop.steps, 1)  # the loop is asked to decode at once
 
+    def test_a_completed_chunk_wakes_an_idle_loop(self):
+        session, channel = self.session()
+        needed = GEOMETRY.samples_needed(0)
+        session.message_received(audio_json(np.zeros(needed - 1, np.float32)))
+        self.assertEqual(self.loop.steps, 0)
+        self.loop.busy = True
+        session.message_received(audio_json(np.zeros(1, np.float32)))
+        self.assertEqual(self.loop.steps, 0)  # the running step's end picks it up
+        self.loop.busy = False
+        session.message_received(audio_json(np.zeros(1, np.float32)))
+        self.assertEqual(self.loop.steps, 1)
+
     def test_max_stream_seconds_cuts_exactly(self):
         session, channel = self.session(max_stream_seconds=0.1)
         session.message_received(audio_json(np.zeros(1000, np.float32)))

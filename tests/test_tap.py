@@ -92,23 +92,25 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(
             (o["host"], o["port"], o["ws-port"], o["status-port"], o["model-size"],
              o["model"], o["device"], o["sample-rate"], o["max-num-streams"],
-             o["max-stream-seconds"], o["max-message-bytes"], o["max-batch"]),
+             o["max-stream-seconds"], o["max-message-bytes"], o["max-batch"],
+             o["precision"]),
             ("0.0.0.0", 8765, 8000, None, "small", None, None, 16000, 100, 300.0,
-             1 << 20, 100))
+             1 << 20, 100, None))
 
     def test_values(self):
         o = self.parse("--port", "1", "--ws-port", "2", "--status-port", "3",
                        "--model-size", "large", "--sample-rate", "8000",
-                       "--max-num-streams", "7", "--max-stream-seconds", "2.5")
+                       "--max-num-streams", "7", "--max-stream-seconds", "2.5",
+                       "--precision", "int8")
         self.assertEqual((o["port"], o["ws-port"], o["status-port"], o["model-size"],
                           o["sample-rate"], o["max-num-streams"], o["max-batch"],
-                          o["max-stream-seconds"]),
-                         (1, 2, 3, "large", 8000, 7, 7, 2.5))
+                          o["max-stream-seconds"], o["precision"]),
+                         (1, 2, 3, "large", 8000, 7, 7, 2.5, "int8"))
 
     def test_bad_values(self):
         for argv in (["--port", "70000"], ["--port", "x"], ["--model-size", "medium"],
                      ["--sample-rate", "4000"], ["--max-num-streams", "0"],
-                     ["--max-stream-seconds", "-1"], ["--bogus"]):
+                     ["--max-stream-seconds", "-1"], ["--precision", "int4"], ["--bogus"]):
             self.assertRaises(usage.UsageError, self.parse, *argv)
 
     def test_model_sizes(self):
@@ -129,6 +131,32 @@ class OptionsTests(unittest.TestCase):
         plugin = plugins["parakeet"]
         self.assertIs(plugin.options, tap.Options)
         self.assertIs(plugin.makeService, tap.makeService)
+
+
+class LoadingThreadTests(unittest.TestCase):
+    """The model is loaded on a thread of its own that has ended by the time
+    the server runs, so that its torch worker threads end with it."""
+
+    def test_result_and_thread(self):
+        import threading
+
+        seen = []
+
+        def load(a, b=0):
+            seen.append(threading.current_thread())
+            return a + b
+
+        self.assertEqual(tap.off_main_thread(load, 2, b=3), 5)
+        self.assertIsNot(seen[0], threading.main_thread())
+        self.assertFalse(seen[0].is_alive())
+
+    def test_errors_reach_the_caller(self):
+        def load():
+            raise ModelUnavailable("no such model")
+
+        with self.assertRaises(ModelUnavailable) as e:
+            tap.off_main_thread(load)
+        self.assertEqual(str(e.exception), "no such model")
 
 
 class ServiceTests(unittest.TestCase):
@@ -249,7 +277,7 @@ class CommandTests(unittest.TestCase):
         out = proc.out.decode()
         self.assertIn("parakeet-server 0.1.0 starting:", out)
         self.assertIn("--max-num-streams=4", out)
-        self.assertIn("serving %s on cpu: 160 ms chunks" % tiny_model_path(), out)
+        self.assertIn("serving %s on cpu in float32: 160 ms chunks" % tiny_model_path(), out)
         self.assertRegex(out, r"stream 1 opened by 127\.0\.0\.1:\d+ over tcp")
         self.assertRegex(out, r"stream 1 closed \(final\) for 127\.0\.0\.1:\d+: "
                               r"1\.50 s of audio in \d+\.\d\d s")

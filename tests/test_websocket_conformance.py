@@ -353,6 +353,7 @@ class TransportEngine(FakeEngine):
 
     model_name = "fake"
     device = "cpu"
+    precision = "float32"
     sample_rate = GEOMETRY.sample_rate
 
     def __init__(self):
