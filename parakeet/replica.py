@@ -170,7 +170,7 @@ def calibration_audio(seed, seconds=3.0):
     return (tone + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def _calibrate_joint(model, tokens_per_frame=0.3):
+def _calibrate_joint(model, tokens_per_frame):
     """Centre the joint on the encoder's output, then raise the blank bias
     until greedy decoding emits about tokens_per_frame tokens per encoder
     frame, the rate of real speech (a word or so a second), on tones, on

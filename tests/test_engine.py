@@ -25,6 +25,19 @@ def stream_alone(engine, audio, stream_id, piece=1000):
     return results
 
 
+def decode_together(engine, audios, starts):
+    """Decode streams that start at the given ticks (160 ms of audio each)
+    in batches of whatever is ready: (tokens per stream, batch sizes)."""
+    cutters = [ChunkCutter(i + 1, engine.geometry) for i in range(len(audios))]
+    together = [[] for _ in audios]
+    sizes = []
+    for chunks in staggered_batches(cutters, audios, starts, piece=2560):
+        sizes.append(len(chunks))
+        for result in engine.step(chunks):
+            together[result.stream_id - 1] += result.token_ids
+    return together, sizes
+
+
 def tokens_of(results):
     return [t for r in results for t in r.token_ids]
 
@@ -77,14 +90,7 @@ class EngineTests(unittest.TestCase):
         audios = [speechlike(40 + i, s) for i, s in enumerate(lengths)]
         alone = [tokens_of(stream_alone(self.engine, a, 100 + i))
                  for i, a in enumerate(audios)]
-        cutters = [ChunkCutter(i + 1, self.engine.geometry) for i in range(8)]
-        together = [[] for _ in range(8)]
-        sizes = []
-        # 160 ms of audio per tick.
-        for chunks in staggered_batches(cutters, audios, starts, piece=2560):
-            sizes.append(len(chunks))
-            for result in self.engine.step(chunks):
-                together[result.stream_id - 1] += result.token_ids
+        together, sizes = decode_together(self.engine, audios, starts)
         self.assertGreaterEqual(max(sizes), 6)
         for i in range(8):
             self.assertEqual(together[i], alone[i], "stream %d" % i)

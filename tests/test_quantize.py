@@ -7,11 +7,10 @@ import torch
 from twisted.trial import unittest
 
 from parakeet.engine import Engine
-from parakeet.frontend import ChunkCutter
 from parakeet.quantize import Int8Linear, quantize_encoder
 
-from .helpers import assert_engine_idle, speechlike, staggered_batches, tiny_model_path
-from .test_engine import stream_alone, tokens_of
+from .helpers import assert_engine_idle, speechlike, tiny_model_path
+from .test_engine import decode_together, stream_alone, tokens_of
 
 
 _int8 = {}
@@ -85,13 +84,7 @@ class Int8EngineTests(unittest.TestCase):
         audios = [speechlike(60 + i, s) for i, s in enumerate([1.9, 0.8, 2.4, 1.1, 1.5])]
         audios[1] = audios[1] * 20  # a loud stream beside quiet ones
         alone = [tokens_of(stream_alone(self.engine, a, 100 + i)) for i, a in enumerate(audios)]
-        cutters = [ChunkCutter(i + 1, self.engine.geometry) for i in range(5)]
-        together = [[] for _ in range(5)]
-        sizes = []
-        for chunks in staggered_batches(cutters, audios, starts, piece=2560):
-            sizes.append(len(chunks))
-            for result in self.engine.step(chunks):
-                together[result.stream_id - 1] += result.token_ids
+        together, sizes = decode_together(self.engine, audios, starts)
         self.assertGreaterEqual(max(sizes), 4)
         self.assertGreater(sum(map(len, alone)), 20)
         self.assertEqual(together, alone)
