@@ -6,7 +6,7 @@ import sys
 
 from twisted.python import usage
 
-from . import __version__, bench, tap
+from . import __version__, bench, tap, transcribe
 
 
 class Options(usage.Options):
@@ -15,6 +15,8 @@ class Options(usage.Options):
         ("serve", None, tap.Options, "Run the streaming speech recognition server."),
         ("bench", None, bench.Options, "Load a running server with real-time streams "
          "and report latency."),
+        ("transcribe", None, transcribe.Options, "Stream an audio file to a running "
+         "server and print the transcript."),
     ]
 
     def opt_version(self):
@@ -24,7 +26,7 @@ class Options(usage.Options):
 
     def postOptions(self):
         if self.subCommand is None:
-            raise usage.UsageError("choose a command: serve or bench")
+            raise usage.UsageError("choose a command: serve, bench or transcribe")
 
     def getUsage(self, width=None):
         text = usage.Options.getUsage(self, width)
@@ -77,3 +79,5 @@ def main(argv=None):
         sys.exit(serve(options.subOptions))
     if options.subCommand == "bench":
         sys.exit(bench.main(options.subOptions, sys.argv[1:] if argv is None else argv))
+    if options.subCommand == "transcribe":
+        sys.exit(transcribe.main(options.subOptions))

@@ -27,6 +27,8 @@ class StreamClient:
         self.closed = defer.Deferred()
         self._waiters = []
         self._proto = None
+        #: Called with every message as it arrives, when set.
+        self.on_message = None
 
     # sending
 
@@ -79,6 +81,8 @@ class StreamClient:
     def _received(self, data):
         message = json.loads(data)
         self.messages.append(message)
+        if self.on_message is not None:
+            self.on_message(message)
         for waiter in list(self._waiters):
             predicate, d = waiter
             if predicate(message):

@@ -10,6 +10,19 @@ MODEL_SIZES = {
     "large": "nvidia/nemotron-speech-streaming-en-0.6b",
 }
 
+#: Models that ship inside the package, served with ``--model NAME``.
+BUILTIN_MODELS = {
+    # Trained by tools/train_demo_model.py on synthetic speech: recognises
+    # a small voice-assistant domain with no download at all.
+    "demo": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.nemo"),
+}
+
+#: A held-out utterance of the demo model's domain, for trying the server.
+DEMO_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                           "demo-sample.wav")
+DEMO_SAMPLE_TEXT = ("set an alarm for seven thirty in the morning "
+                    "what is the weather in paris tomorrow")
+
 #: Model arithmetic the server offers (``--precision``).
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 
@@ -30,9 +43,10 @@ class ModelUnavailable(Exception):
 
 
 def resolve_model(model=None, model_size="small"):
-    """The name or path to load: ``--model`` wins over ``--model-size``."""
+    """The name or path to load: ``--model`` (a built-in name, a Hugging
+    Face id or a path) wins over ``--model-size``."""
     if model:
-        return model
+        return BUILTIN_MODELS.get(model, model)
     try:
         return MODEL_SIZES[model_size]
     except KeyError:

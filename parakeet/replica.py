@@ -79,13 +79,18 @@ def _corpus(path, vocab_size, seed):
             f.write(" ".join(rng.choices(words, weights, k=12)) + "\n")
 
 
-def train_tokenizer(directory, vocab_size, eou_token=True, seed=0):
-    """Train a SentencePiece BPE tokenizer laid out the way NeMo loads it."""
+def train_tokenizer(directory, vocab_size, eou_token=True, seed=0, sentences=None):
+    """Train a SentencePiece BPE tokenizer laid out the way NeMo loads it,
+    on sentences, or on pseudo-text when none are given."""
     import sentencepiece
 
     os.makedirs(directory, exist_ok=True)
     corpus = os.path.join(directory, "corpus.txt")
-    _corpus(corpus, vocab_size, seed)
+    if sentences is None:
+        _corpus(corpus, vocab_size, seed)
+    else:
+        with open(corpus, "w") as f:
+            f.writelines(s + "\n" for s in sentences)
     # The joint network adds the blank; the tokenizer holds the rest.
     sentencepiece.SentencePieceTrainer.train(
         input=corpus, model_prefix=os.path.join(directory, "tokenizer"),

@@ -1,0 +1,288 @@
+"""
+The demo model's domain: sentences a voice assistant hears (digits,
+numbers, times and commands), and their synthesis by espeak-ng in many
+voices, speeds and pitches, with silences and noise around them.
+
+Used by ``tools/train_demo_model.py`` to build its corpus and by the tests
+to check what the demo model recognises.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+
+import attr
+
+SAMPLE_RATE = 16000
+
+#: The end-of-utterance token every training transcript ends with.
+EOU = "<EOU>"
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve "
+         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n):
+    """English words for 0 <= n < 1,000,000, e.g. 'three hundred and five'."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + ("" if ones == 0 else " " + _ONES[ones])
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        head = _ONES[hundreds] + " hundred"
+        return head if rest == 0 else head + " and " + number_words(rest)
+    thousands, rest = divmod(n, 1000)
+    head = number_words(thousands) + " thousand"
+    if rest == 0:
+        return head
+    return head + (" and " if rest < 100 else " ") + number_words(rest)
+
+
+_ROOMS = ["kitchen", "living room", "bedroom", "bathroom", "office", "garage",
+          "hallway", "basement", "garden", "dining room"]
+_DEVICES = ["lights", "lamp", "fan", "heater", "radio", "television", "oven",
+            "kettle", "coffee machine", "air conditioner", "music", "alarm"]
+_PEOPLE = ["mom", "dad", "anna", "peter", "grandma", "the doctor", "my sister",
+           "my brother", "the office", "david", "maria", "john"]
+_GENRES = ["jazz", "rock", "classical music", "the news", "some music",
+           "my playlist", "the radio", "a podcast", "relaxing music", "pop"]
+_ITEMS = ["milk", "bread", "eggs", "coffee", "apples", "rice", "butter",
+          "cheese", "tea", "oranges", "batteries", "flowers"]
+_DAYS = ["today", "tomorrow", "on monday", "on tuesday", "on wednesday",
+         "on thursday", "on friday", "on saturday", "on sunday", "tonight",
+         "this weekend", "next week"]
+_CITIES = ["london", "paris", "berlin", "tokyo", "new york", "chicago",
+           "madrid", "boston", "sydney", "rome"]
+_UNITS = ["seconds", "minutes", "hours"]
+
+
+def time_words(rng):
+    hour = rng.randint(1, 12)
+    minute = rng.choice([0, 5, 10, 15, 20, 25, 30, 40, 45, 50, rng.randint(1, 59)])
+    style = rng.random()
+    if minute == 30 and style < 0.3:
+        text = "half past " + number_words(hour)
+    elif minute == 15 and style < 0.3:
+        text = "quarter past " + number_words(hour)
+    elif minute == 0:
+        text = number_words(hour) + rng.choice([" o'clock", ""])
+    elif minute < 10:
+        text = number_words(hour) + " oh " + number_words(minute)
+    else:
+        text = number_words(hour) + " " + number_words(minute)
+    return text + rng.choice(["", "", " am", " pm", " in the morning",
+                              " in the evening"])
+
+
+def _digits(rng, count):
+    return " ".join(_ONES[rng.randint(0, 9)] for _ in range(count))
+
+
+def _number(rng):
+    return number_words(rng.choice([rng.randint(0, 20), rng.randint(20, 100),
+                                    rng.randint(100, 1000), rng.randint(1000, 100000)]))
+
+
+_TEMPLATES = [
+    lambda r: "turn %s the %s %s" % (r.choice(["on", "off"]), r.choice(_ROOMS), r.choice(_DEVICES)),
+    lambda r: "turn %s the %s" % (r.choice(["on", "off"]), r.choice(_DEVICES)),
+    lambda r: "switch %s the %s in the %s" % (r.choice(["on", "off"]), r.choice(_DEVICES), r.choice(_ROOMS)),
+    lambda r: "set the %s to %s percent" % (r.choice(_DEVICES), number_words(r.randint(0, 100))),
+    lambda r: "set the temperature to %s degrees" % number_words(r.randint(10, 30)),
+    lambda r: "set a timer for %s %s" % (number_words(r.randint(1, 90)), r.choice(_UNITS)),
+    lambda r: "set an alarm for %s" % time_words(r),
+    lambda r: "wake me up at %s %s" % (time_words(r), r.choice(_DAYS)),
+    lambda r: "remind me to buy %s at %s" % (r.choice(_ITEMS), time_words(r)),
+    lambda r: "add %s and %s to my shopping list" % (r.choice(_ITEMS), r.choice(_ITEMS)),
+    lambda r: "call %s" % r.choice(_PEOPLE),
+    lambda r: "send a message to %s" % r.choice(_PEOPLE),
+    lambda r: "dial %s" % _digits(r, r.randint(3, 10)),
+    lambda r: "my pin is %s" % _digits(r, 4),
+    lambda r: "the code is %s" % _digits(r, r.randint(4, 6)),
+    lambda r: _digits(r, r.randint(2, 8)),
+    lambda r: _number(r),
+    lambda r: "play %s %s" % (r.choice(_GENRES), r.choice(["", "in the " + r.choice(_ROOMS)])),
+    lambda r: "what is the weather %s" % r.choice(_DAYS),
+    lambda r: "what is the weather in %s %s" % (r.choice(_CITIES), r.choice(_DAYS)),
+    lambda r: "what time is it in %s" % r.choice(_CITIES),
+    lambda r: "what time is it",
+    lambda r: "book a table for %s at %s" % (number_words(r.randint(1, 12)), time_words(r)),
+    lambda r: "schedule a meeting with %s %s at %s" % (r.choice(_PEOPLE), r.choice(_DAYS), time_words(r)),
+    lambda r: "how long does it take to get to %s" % r.choice(_CITIES),
+    lambda r: "%s the volume" % r.choice(["turn up", "turn down", "mute", "lower", "raise"]),
+    lambda r: "%s" % r.choice(["stop", "pause", "next song", "go back", "cancel",
+                               "yes please", "no thank you", "repeat that",
+                               "good morning", "good night", "thank you"]),
+    lambda r: "open the %s door" % r.choice(["front", "back", "garage", "kitchen"]),
+    lambda r: "lock the %s door" % r.choice(["front", "back", "garage", "kitchen"]),
+    lambda r: "how much is %s plus %s" % (_number(r), _number(r)),
+    lambda r: "convert %s %s to %s" % (number_words(r.randint(1, 500)),
+                                       r.choice(["miles", "pounds", "dollars", "euros"]),
+                                       r.choice(["kilometres", "kilograms", "euros", "dollars"])),
+]
+
+
+def sentence(rng):
+    """One sentence of the domain: lower case, words separated by single spaces."""
+    return " ".join(rng.choice(_TEMPLATES)(rng).split())
+
+
+#: espeak-ng's English accents, and its voice variants.  The held-out
+#: variants never occur in training, so test voices are unseen voices.
+ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan",
+           "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029"]
+TRAIN_VARIANTS = ["m1", "m2", "m3", "m5", "m6", "m7", "f1", "f2", "f4", "f5",
+                  "klatt", "klatt3", "klatt4", "croak", "whisper", "Andy",
+                  "Annie", "Denis", "Gene", "Lee", "Mike", "Storm", "adam",
+                  "anika", "antonio", "aunty", "belinda", "benjamin", "boris",
+                  "caleb", "david", "edward", "grandma", "grandpa", "iven",
+                  "john", "linda", "max", "michel", "norbert", "paul",
+                  "pedro", "quincy", "rob", "robert", "steph", "travis", "zac"]
+HELDOUT_VARIANTS = ["m4", "f3", "klatt2", "Alicia", "Mario", "steph2", "iven3",
+                    "Jacky"]
+
+
+@attr.s(frozen=True)
+class Voice:
+    accent = attr.ib()
+    variant = attr.ib()
+    speed = attr.ib()    # words per minute
+    pitch = attr.ib()    # 0-99
+
+    @property
+    def name(self):
+        return "%s+%s" % (self.accent, self.variant)
+
+    def args(self):
+        return ["-v", self.name, "-s", str(self.speed), "-p", str(self.pitch)]
+
+
+def random_voice(rng, variants):
+    return Voice(rng.choice(ACCENTS), rng.choice(variants),
+                 rng.randint(120, 210), rng.randint(20, 80))
+
+
+def espeak_available():
+    return shutil.which("espeak-ng") is not None
+
+
+def synthesize(text, voice):
+    """Float32 mono speech at 16 kHz, with espeak-ng's own silences trimmed."""
+    import numpy as np
+    import soundfile
+    import soxr
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "s.wav")
+        subprocess.run(["espeak-ng", "-w", path] + voice.args() + [text],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        audio, rate = soundfile.read(path, dtype="float32")
+    if audio.ndim > 1:
+        audio = audio.mean(axis=1)
+    audio = soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+    loud = np.flatnonzero(np.abs(audio) > 0.01)
+    if len(loud):
+        audio = audio[loud[0]:loud[-1] + 1]
+    return audio
+
+
+def utterance(rng, text, voice, lead_s=(0.1, 0.8), trail_s=(0.4, 1.2)):
+    """(audio, speech start s, speech end s): text in voice with a random
+    gain, silence before and after, and noise at a random level."""
+    import numpy as np
+
+    speech = synthesize(text, voice)
+    peak = float(np.abs(speech).max()) or 1.0
+    speech = speech * (rng.uniform(0.2, 0.9) / peak)
+    lead = int(rng.uniform(*lead_s) * SAMPLE_RATE)
+    trail = int(rng.uniform(*trail_s) * SAMPLE_RATE)
+    audio = np.concatenate([np.zeros(lead, np.float32), speech,
+                            np.zeros(trail, np.float32)])
+    noise_level = rng.choice([0.0, 0.001, 0.003, 0.01, 0.02, 0.04])
+    if noise_level:
+        noise = np.random.default_rng(rng.randrange(2 ** 32)).standard_normal(len(audio))
+        audio = audio + noise_level * noise.astype(np.float32)
+    audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+    return audio, lead / SAMPLE_RATE, (lead + len(speech)) / SAMPLE_RATE
+
+
+def write_set(directory, count, variants, seed, eou=True, audio_format="wav"):
+    """Synthesise count utterances into directory and write its NeMo
+    manifest (one JSON object a line: audio_filepath, duration, text, and
+    the speech start and end in seconds).  Returns the manifest's path."""
+    import soundfile
+
+    rng = random.Random(seed)
+    os.makedirs(directory, exist_ok=True)
+    manifest = os.path.join(directory, "manifest.json")
+    with open(manifest, "w") as out:
+        for i in range(count):
+            text = sentence(rng)
+            voice = random_voice(rng, variants)
+            audio, start, end = utterance(rng, text, voice)
+            path = os.path.join(directory, "%05d.%s" % (i, audio_format))
+            soundfile.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
+            out.write(json.dumps({
+                "audio_filepath": os.path.abspath(path),
+                "duration": round(len(audio) / SAMPLE_RATE, 4),
+                "text": text + EOU if eou else text,
+                "speech_start": round(start, 4), "speech_end": round(end, 4),
+                "voice": voice.name, "speed": voice.speed, "pitch": voice.pitch,
+            }) + "\n")
+    return manifest
+
+
+def join_set(rows, directory, count, seed, most=3):
+    """count streams of 2 to ``most`` utterances of rows back to back (each
+    with the silences around it), so that a model also learns to go on
+    after an ``<EOU>``; writes their audio and manifest into directory and
+    returns the manifest's path."""
+    import numpy as np
+    import soundfile
+
+    rng = random.Random(seed)
+    os.makedirs(directory, exist_ok=True)
+    manifest = os.path.join(directory, "manifest.json")
+    with open(manifest, "w") as out:
+        for i in range(count):
+            parts = rng.sample(rows, rng.randint(2, most))
+            audio = np.concatenate([soundfile.read(row["audio_filepath"], dtype="float32")[0]
+                                    for row in parts])
+            path = os.path.join(directory, "%05d.wav" % i)
+            soundfile.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
+            out.write(json.dumps({
+                "audio_filepath": os.path.abspath(path),
+                "duration": round(len(audio) / SAMPLE_RATE, 4),
+                "text": " ".join(row["text"] for row in parts),
+            }) + "\n")
+    return manifest
+
+
+def read_manifest(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def word_errors(reference, hypothesis):
+    """Word-level edit distance between two strings."""
+    ref, hyp = reference.split(), hypothesis.split()
+    row = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(hyp, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1,
+                                           previous + (word != other))
+    return row[-1]
+
+
+def word_error_rate(pairs):
+    """Corpus WER of (reference, hypothesis) pairs: errors / reference words."""
+    pairs = list(pairs)
+    words = sum(len(ref.split()) for ref, _ in pairs)
+    return sum(word_errors(ref, hyp) for ref, hyp in pairs) / max(1, words)
