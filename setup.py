@@ -10,7 +10,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=["parakeet", "twisted.plugins"],
-    package_data={"twisted": ["plugins/parakeet_plugin.py"]},
+    package_data={"twisted": ["plugins/parakeet_plugin.py"],
+                  "parakeet": ["data/*.nemo", "data/*.wav"]},
     install_requires=[
         "twisted>=24.7",
         "autobahn>=24.4",
@@ -19,6 +20,8 @@ setup(
         "torch>=2.4",
         "nemo_toolkit[asr]==3.0.0",
         "soxr",
+        # Voice activity detection; the package ships its network.
+        "silero-vad",
     ],
     extras_require={
         "test": ["hypothesis"],

@@ -4,7 +4,10 @@ Audio payloads: bytes on the wire to float32 samples, and rate conversion.
 
 import numpy as np
 
-ENCODINGS = ("pcm16", "f32")
+ENCODINGS = ("pcm16", "f32", "mulaw")
+
+#: Client sample rates the server converts from, in Hz.
+MIN_RATE, MAX_RATE = 8000, 48000
 
 #: The largest f32 sample magnitude accepted: [-1, 1] with 6 dB to spare.
 F32_LIMIT = 2.0
@@ -14,8 +17,30 @@ class AudioError(ValueError):
     """The audio payload is malformed; the message says how."""
 
 
+def _mulaw_table():
+    """The 256 G.711 mu-law codes as float32 samples in [-1, 1]."""
+    codes = ~np.arange(256, dtype=np.uint8)
+    sign = (codes & 0x80) != 0
+    exponent = (codes >> 4) & 0x07
+    mantissa = codes & 0x0F
+    magnitude = (((mantissa.astype(np.int32) << 3) + 0x84) << exponent) - 0x84
+    return (np.where(sign, -magnitude, magnitude) / 32768.0).astype(np.float32)
+
+
+_MULAW = _mulaw_table()
+
+
+def check_rate(rate):
+    """rate if it is a sample rate the server converts from, else AudioError."""
+    if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError("sample_rate must be a whole number of Hz from %d to %d, got %s"
+                         % (MIN_RATE, MAX_RATE, str(rate)[:32]))
+    return rate
+
+
 def decode_samples(payload, encoding):
-    """Little-endian pcm16 or f32 bytes to float32 samples in [-1, 1]."""
+    """Little-endian pcm16, f32 or 8-bit G.711 mu-law bytes to float32
+    samples in [-1, 1]."""
     if encoding == "pcm16":
         if len(payload) % 2:
             raise AudioError("pcm16 audio must have an even number of bytes, got %d"
@@ -35,6 +60,8 @@ def decode_samples(payload, encoding):
             raise AudioError("f32 audio must lie in [-1, 1]: got a sample of magnitude "
                              "%.3g" % (peak,))
         return samples
+    if encoding == "mulaw":
+        return _MULAW[np.frombuffer(payload, dtype=np.uint8)]
     raise AudioError("unknown audio encoding %r (expected one of: %s)"
                      % (encoding, ", ".join(ENCODINGS)))
 
@@ -46,6 +73,13 @@ def encode_samples(samples, encoding="pcm16"):
         return (np.clip(samples, -1.0, 32767 / 32768) * 32768).round().astype("<i2").tobytes()
     if encoding == "f32":
         return samples.astype("<f4").tobytes()
+    if encoding == "mulaw":
+        # The nearest code: the table is monotonic within each sign.
+        order = np.argsort(_MULAW)
+        index = np.clip(np.searchsorted(_MULAW[order], samples), 1, 255)
+        lower, upper = _MULAW[order][index - 1], _MULAW[order][index]
+        index = np.where(samples - lower < upper - samples, index - 1, index)
+        return order[index].astype(np.uint8).tobytes()
     raise AudioError("unknown audio encoding %r" % (encoding,))
 
 

@@ -19,6 +19,9 @@ log = Logger()
 _CONTROL_PIECE = re.compile(r"^<[^<>]+>$")
 _WORD_START = "\u2581"
 
+#: The end-of-utterance token of the small model and the demo model.
+EOU = "<EOU>"
+
 
 @attr.s(frozen=True, slots=True)
 class StepResult:
@@ -29,6 +32,15 @@ class StepResult:
     confidences = attr.ib()
     text = attr.ib()  #: the text those tokens add to the transcript
     is_last = attr.ib()
+    #: Encoder frame (from the stream's start) at which each token came.
+    frames = attr.ib(factory=list)
+    #: Speech probability of each 32 ms window of audio the step heard
+    #: (empty without voice activity detection).
+    speech = attr.ib(factory=list)
+    #: NeMo's endpointing found an end of utterance (blank output).
+    endpoint = attr.ib(default=False)
+    #: The tokenizer's piece of each token.
+    pieces = attr.ib(factory=list)
 
 
 def parse_device(device):
@@ -50,8 +62,10 @@ def parse_device(device):
 class Engine:
     """A served model: chunk geometry, feature extraction and the batched step."""
 
-    def __init__(self, pipeline, model_name, precision="float32"):
+    def __init__(self, pipeline, model_name, precision="float32", vad=None):
+        """vad: a :class:`parakeet.vad.VoiceActivity`, or None for none."""
         self.pipeline = pipeline
+        self.vad = vad
         self.model_name = model_name
         self.precision = precision
         self.device = pipeline.device
@@ -72,18 +86,39 @@ class Engine:
         self._n_features = pipeline.asr_model.get_input_features()
         self._feature_cache = {}
         self._pieces = pipeline.tokenizer.ids_to_tokens
+        #: The model's end-of-utterance token, if it has one.
+        self.eou_id = None
+        vocabulary = pipeline.asr_model.tokenizer.vocab
+        if EOU in vocabulary:
+            self.eou_id = pipeline.asr_model.tokenizer.token_to_id(EOU)
+        #: Milliseconds of audio per encoder frame.
+        self.frame_ms = pipeline.asr_model.get_model_stride(in_milliseconds=True)
         from nemo.collections.asr.inference.streaming.framing.request import FeatureBuffer
         from nemo.collections.asr.inference.streaming.framing.request_options import (
             ASRRequestOptions)
         self._feature_buffer = FeatureBuffer
-        self._options = ASRRequestOptions()
+        self._request_options = ASRRequestOptions
+        self.endpointing_ms = 0
+
+    @property
+    def endpointing_ms(self):
+        """Milliseconds of blank output after speech at which NeMo's
+        endpointing (``stop_history_eou``) reports an end of utterance, for
+        streams that start from now on; 0: never."""
+        return self._endpointing_ms
+
+    @endpointing_ms.setter
+    def endpointing_ms(self, ms):
+        self._endpointing_ms = ms
+        self._options = self._request_options(stop_history_eou=ms if ms > 0 else -1)
 
     @classmethod
     def load(cls, model_name, device=None, num_slots=16, batch_size=16,
-             chunk_ms=None, precision=None, fast_encoder=True):
+             chunk_ms=None, precision=None, fast_encoder=True, vad=True):
         """precision: ``float32``, ``bfloat16``, ``float16``, or ``int8``
         (CPU only: eight-bit encoder weights, :mod:`parakeet.quantize`);
-        None: bfloat16 on CUDA, float32 on the CPU."""
+        None: bfloat16 on CUDA, float32 on the CPU.  vad: run voice activity
+        detection on every stream."""
         quiet_nemo()
         from .pipeline import ServingPipeline, pipeline_config
 
@@ -103,7 +138,15 @@ class Engine:
             from .quantize import quantize_encoder
 
             quantize_encoder(pipeline.asr_model.asr_model.encoder)
-        return cls(pipeline, model_name, precision)
+        detector = None
+        if vad:
+            from .vad import SAMPLE_RATE, VoiceActivity
+
+            if pipeline.sample_rate != SAMPLE_RATE:
+                raise ValueError("voice activity detection needs a %d Hz model"
+                                 % (SAMPLE_RATE,))
+            detector = VoiceActivity(pipeline.device)
+        return cls(pipeline, model_name, precision, detector)
 
     @property
     def sample_rate(self):
@@ -112,6 +155,21 @@ class Engine:
     @property
     def vocabulary_size(self):
         return len(self.pipeline.vocabulary)
+
+    def decode_offline(self, samples):
+        """What the model decodes from a whole utterance at once, the
+        reference streaming must match: (token ids, encoder frame of each
+        token, number of feature frames)."""
+        model = self.pipeline.asr_model.asr_model
+        signal = torch.from_numpy(np.asarray(samples, dtype=np.float32))[None].to(self.device)
+        with torch.inference_mode():
+            feats, feat_len = self.pipeline.preprocessor(
+                input_signal=signal, length=torch.tensor([signal.shape[1]], device=self.device))
+            encoded, encoded_len = model.encoder(audio_signal=feats, length=feat_len)
+            hyp = model.decoding.rnnt_decoder_predictions_tensor(
+                encoded, encoded_len, return_hypotheses=True)[0]
+        return (hyp.y_sequence.tolist(), [int(t) for t in torch.as_tensor(hyp.timestamp).tolist()],
+                int(feat_len[0]))
 
     def features(self, chunks):
         """Log-mel frames of each chunk, computed in batches of equal shape."""
@@ -162,6 +220,21 @@ class Engine:
         for sid in stream_ids:
             pipeline.delete_state(sid)
             self._feature_cache.pop(sid, None)
+        if self.vad is not None:
+            self.vad.forget(stream_ids)
+
+    def _voice_activity(self, chunks):
+        """Speech probabilities of the audio each chunk moves the stream on by."""
+        if self.vad is None:
+            return {}
+        g = self.geometry
+        audio = {}
+        for chunk in chunks:
+            count = max(0, min(chunk.n_frames * g.hop, chunk.valid_samples - g.margin))
+            audio[chunk.stream_id] = chunk.samples[g.margin:g.margin + count]
+        speech = self.vad(audio)
+        self.vad.forget([c.stream_id for c in chunks if c.is_last])
+        return speech
 
     def text_of(self, token_ids):
         """The text token_ids add to a transcript (control tokens left out)."""
@@ -182,6 +255,7 @@ class Engine:
         if work:
             try:
                 with torch.inference_mode():
+                    speech = self._voice_activity(work)
                     feats = self.features(work)
                     buffers = [self._buffer(c, f) for c, f in zip(work, feats)]
                     self.pipeline.transcribe_step(buffers)
@@ -195,6 +269,8 @@ class Engine:
                 tokens = e.token_ids if e else []
                 results[chunk.stream_id] = StepResult(
                     chunk.stream_id, tokens, e.confidences if e else [],
-                    self.text_of(tokens), chunk.is_last)
+                    self.text_of(tokens), chunk.is_last, e.frames if e else [],
+                    speech.get(chunk.stream_id, []), bool(e and e.endpoint),
+                    self._pieces(tokens) if tokens else [])
         return [results[c.stream_id] for c in chunks]
 

@@ -64,8 +64,11 @@ class ChunkGeometry:
 
     def samples_needed(self, frames_done):
         """Samples the stream must have received to cut its next full chunk."""
-        n = self.frames_in_chunk(frames_done)
-        return (frames_done + n - 1) * self.hop - self.pad + self.n_fft
+        return self.samples_needed_through(frames_done + self.frames_in_chunk(frames_done))
+
+    def samples_needed_through(self, frames):
+        """Samples the first ``frames`` frames span."""
+        return (frames - 1) * self.hop - self.pad + self.n_fft
 
 
 @attr.s(frozen=True, slots=True)
@@ -116,6 +119,23 @@ class ChunkCutter:
         if len(samples):
             self._pending.append(np.asarray(samples, dtype=np.float32))
             self.received += len(samples)
+
+    def pad_to_chunk(self):
+        """Complete the chunk being filled with silence, so that every sample
+        received so far is decoded without waiting for more audio.  Returns
+        the samples (padding included) the stream needs for that: decoding
+        is done once a chunk whose ``audio_samples`` reach it is decoded."""
+        if self.finished:
+            raise ValueError("the stream has ended")
+        g = self.geometry
+        frames = self.frames_done
+        covered = g.samples_needed_through(frames) if frames else 0
+        while self.received > covered:
+            frames += g.frames_in_chunk(frames)
+            covered = g.samples_needed_through(frames)
+        if covered > self.received:
+            self.push(np.zeros(covered - self.received, dtype=np.float32))
+        return covered
 
     def finish(self):
         """No more audio will come: the rest is cut into the last chunk(s)."""

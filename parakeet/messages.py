@@ -10,7 +10,7 @@ import json
 
 import attr
 
-from .audio import AudioError, decode_samples
+from .audio import AudioError, check_rate, decode_samples, ENCODINGS
 
 NO_FREE_STATE = "No free streaming state available."
 SHUTTING_DOWN = "The server is shutting down."
@@ -24,6 +24,21 @@ class ProtocolError(ValueError):
 class Audio:
     samples = attr.ib(repr=False)
     final = attr.ib(default=False)
+    #: The rate the client declared on this message, if it did.
+    sample_rate = attr.ib(default=None)
+
+
+@attr.s(frozen=True, slots=True)
+class Config:
+    """Settings for the stream's audio, before the first audio message."""
+
+    sample_rate = attr.ib(default=None)
+    encoding = attr.ib(default=None)
+
+
+@attr.s(frozen=True, slots=True)
+class Flush:
+    pass
 
 
 @attr.s(frozen=True, slots=True)
@@ -36,13 +51,28 @@ class Ping:
     pass
 
 
-def _audio(obj):
+def _rate(obj):
+    if "sample_rate" not in obj:
+        return None
+    try:
+        return check_rate(obj["sample_rate"])
+    except AudioError as e:
+        raise ProtocolError(str(e))
+
+
+def _encoding(obj, default):
+    encoding = obj.get("encoding", default)
+    if encoding is not default and not isinstance(encoding, str):
+        raise ProtocolError("'encoding' must be a string")
+    return encoding
+
+
+def _audio(obj, encoding):
     final = obj.get("final", False)
     if not isinstance(final, bool):
         raise ProtocolError("'final' must be true or false")
-    encoding = obj.get("encoding", "pcm16")
-    if not isinstance(encoding, str):
-        raise ProtocolError("'encoding' must be a string")
+    encoding = _encoding(obj, encoding)
+    rate = _rate(obj)
     data = obj.get("data", "")
     if data is None:
         data = ""
@@ -56,18 +86,29 @@ def _audio(obj):
         samples = decode_samples(payload, encoding)
     except AudioError as e:
         raise ProtocolError(str(e))
-    return Audio(samples, final)
+    return Audio(samples, final, rate)
+
+
+def _config(obj, _):
+    encoding = _encoding(obj, None)
+    if encoding is not None and encoding not in ENCODINGS:
+        raise ProtocolError("unknown audio encoding %r (expected one of: %s)"
+                            % (encoding[:32], ", ".join(ENCODINGS)))
+    return Config(_rate(obj), encoding)
 
 
 _PARSERS = {
     "audio": _audio,
-    "close": lambda obj: Close(),
-    "ping": lambda obj: Ping(),
+    "config": _config,
+    "flush": lambda obj, _: Flush(),
+    "close": lambda obj, _: Close(),
+    "ping": lambda obj, _: Ping(),
 }
 
 
-def parse(raw):
-    """One client message (bytes or str holding a JSON object) to a message value."""
+def parse(raw, encoding="pcm16"):
+    """One client message (bytes or str holding a JSON object) to a message
+    value; encoding: how audio that names none is encoded."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -90,7 +131,7 @@ def parse(raw):
     parser = _PARSERS.get(kind)
     if parser is None:
         raise ProtocolError("unknown message type: %r" % (kind[:64],))
-    return parser(obj)
+    return parser(obj, encoding)
 
 
 def encode(message):
@@ -102,8 +143,10 @@ def hello(stream_id, sample_rate):
     return {"type": "hello", "stream_id": stream_id, "sample_rate": sample_rate}
 
 
-def result(stream_id, text, token_ids, confidences, is_final, audio_ms):
-    return {
+def result(stream_id, text, token_ids, confidences, is_final, audio_ms, turn=None):
+    """A result; turn: the turn-detection fields (turn_detection, last_state
+    and, when an utterance ends, utterance)."""
+    message = {
         "type": "result",
         "stream_id": stream_id,
         "text": text,
@@ -112,6 +155,9 @@ def result(stream_id, text, token_ids, confidences, is_final, audio_ms):
         "is_final": is_final,
         "audio_ms": audio_ms,
     }
+    if turn:
+        message.update(turn)
+    return message
 
 
 def error(text):

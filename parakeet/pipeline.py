@@ -21,6 +21,13 @@ short for a server:
 * Each step records, per stream, the tokens, confidences and frame indices
   it emitted, for the server's results.  The stock pipeline keeps them only
   until the next end of utterance and reports text.
+* Each step also records whether NeMo's blank-based endpointing
+  (``stop_history_eou``) found the end of an utterance; the server combines
+  it with the model's ``<EOU>`` token and voice activity
+  (:mod:`parakeet.turns`).  The stock pipeline's label history is exactly
+  ``stop_history_eou`` frames long while its endpointer asks for *more*
+  blank frames than that, so it never fires; the history here holds one
+  frame more.
 * The partial transcript the stock pipeline re-detokenises from every token
   since the last end of utterance on every step (work that grows with the
   stream) is not computed: the server builds text incrementally from the
@@ -90,6 +97,7 @@ def pipeline_config(model_name, device="cpu", device_id=0, compute_dtype="float3
         "enable_nmt": False,
         "nmt": None,
         "asr_output_granularity": "segment",
+        # Set per stream (Engine.endpointing_ms).
         "endpointing": {"stop_history_eou": -1, "residue_tokens_at_end": 0},
         "return_tail_result": False,
         "cache_dir": None,
@@ -124,6 +132,8 @@ class Emitted:
     token_ids = attr.ib(factory=list)
     confidences = attr.ib(factory=list)
     frames = attr.ib(factory=list)
+    #: NeMo's endpointing found an end of utterance in this step.
+    endpoint = attr.ib(default=False)
 
 
 def _as_list(values):
@@ -157,6 +167,12 @@ class ServingPipeline(CacheAwareRNNTPipeline):
             accelerate(asr.asr_model)
         return cls(cfg, asr)
 
+    def create_state(self, options):
+        state = super().create_state(options)
+        if state.label_buffer_size > 0:
+            state.setup_label_buffer(state.label_buffer_size + 1, self.blank_id)
+        return state
+
     def transcribe_step_for_feature_buffers(self, fbuffers):
         self.emitted = {}
         groups = {}
@@ -185,9 +201,11 @@ class ServingPipeline(CacheAwareRNNTPipeline):
         tokens = _as_list(hyp.y_sequence)[start:]
         confidences = _as_list(hyp.non_blank_step_confidence_precomputed)
         confidences = confidences[start:] if confidences is not None else [0.0] * len(tokens)
-        self.emitted[request.stream_id] = Emitted(
+        emitted = self.emitted[request.stream_id] = Emitted(
             tokens, [float(c) for c in confidences], _as_list(hyp.timestamp)[start:])
-        return super().run_greedy_decoder(state, request, hyp)
+        endpoint = super().run_greedy_decoder(state, request, hyp)
+        emitted.endpoint = endpoint and not request.is_last
+        return endpoint
 
     def update_partial_transcript(self, requests, tokenizer, leading_regex_pattern):
         """Not needed: the server detokenises each step's new tokens once."""

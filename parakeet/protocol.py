@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from . import messages
 from .audio import AudioError, decode_samples
 from .registry import RegistryClosed, RegistryFull
+from .turns import TurnSettings, TurnTracker
 
 
 class Channel:
@@ -46,7 +47,8 @@ BACKLOG = "backlog"
 
 @attr.s(frozen=True)
 class Limits:
-    """What a client may send, and how long the server waits for it."""
+    """What a client may send, how long the server waits for it, and how its
+    turns are found."""
 
     max_stream_seconds = attr.ib(default=300.0)
     max_message_bytes = attr.ib(default=1 << 20)
@@ -58,6 +60,7 @@ class Limits:
     #: Seconds a client may leave the server's messages unread (its socket
     #: full) before its connection is dropped; 0: never.
     write_timeout = attr.ib(default=30.0)
+    turns = attr.ib(factory=TurnSettings)
 
 
 class StreamSession:
@@ -71,6 +74,9 @@ class StreamSession:
         self.channel = channel
         self.transport = transport
         self.stream = None
+        self.turns = None
+        #: How JSON audio that names no encoding is encoded, and binary audio.
+        self.encoding = self.binary_encoding = "pcm16"
         self.connected = False
         self._idle = None
         self._unread = None
@@ -80,7 +86,9 @@ class StreamSession:
 
     # transport events
 
-    def connection_made(self):
+    def connection_made(self, sample_rate=None, encoding=None):
+        """sample_rate: the client's, if it declared one on connecting (a
+        WebSocket URL's query); encoding: its binary messages', likewise."""
         self.connected = True
         try:
             self.stream = self.registry.open(self.channel.peer, self.transport, self)
@@ -95,7 +103,13 @@ class StreamSession:
             self.channel.send(messages.error(messages.SHUTTING_DOWN))
             self.channel.close()
             return
-        self.channel.send(messages.hello(self.stream.id, self.registry.input_rate))
+        if sample_rate is not None:
+            self.stream.set_input_rate(sample_rate)
+        self.binary_encoding = encoding or self.binary_encoding
+        engine = self.loop.engine
+        self.turns = TurnTracker(self.limits.turns, engine.frame_ms, engine.eou_id,
+                                 engine.vad is not None)
+        self.channel.send(messages.hello(self.stream.id, self.stream.input_rate))
         if self.limits.idle_timeout:
             self._idle = self.registry.clock.callLater(self.limits.idle_timeout,
                                                        self._idle_timeout)
@@ -105,7 +119,7 @@ class StreamSession:
             return
         self._touch()
         try:
-            message = messages.parse(raw)
+            message = messages.parse(raw, self.encoding)
         except messages.ProtocolError as e:
             self.channel.send(messages.error(str(e)))
             return
@@ -115,14 +129,19 @@ class StreamSession:
             self._finish("close")
         elif isinstance(message, messages.Audio):
             self._audio(message)
+        elif isinstance(message, messages.Flush):
+            self._flush()
+        elif isinstance(message, messages.Config):
+            self._config(message)
 
-    def audio_received(self, payload, encoding):
-        """Raw audio bytes outside JSON (a binary WebSocket message)."""
+    def audio_received(self, payload, encoding=None):
+        """Raw audio bytes outside JSON (a binary WebSocket message), in
+        encoding or the connection's binary encoding."""
         if self.stream is None:
             return
         self._touch()
         try:
-            samples = decode_samples(payload, encoding)
+            samples = decode_samples(payload, encoding or self.binary_encoding)
         except AudioError as e:
             self.channel.send(messages.error(str(e)))
             return
@@ -187,13 +206,59 @@ class StreamSession:
 
     # audio
 
+    def _ended(self, what):
+        """Whether the stream is finishing; if so, the client is told that
+        what it sent was ignored."""
+        if self.stream.finishing:
+            self.channel.send(messages.error(
+                "%s after the end of the stream (%s) was ignored"
+                % (what, self.stream.end_reason)))
+            return True
+        return False
+
+    def _config(self, message):
+        stream = self.stream
+        if self._ended("config"):
+            return
+        if stream.received and message.sample_rate not in (None, stream.input_rate):
+            self.channel.send(messages.error(
+                "config: sample_rate can only change before the first audio message "
+                "(the stream is at %d Hz); the config was ignored" % (stream.input_rate,)))
+            return
+        if message.sample_rate is not None:
+            stream.set_input_rate(message.sample_rate)
+        if message.encoding is not None:
+            self.encoding = self.binary_encoding = message.encoding
+
+    def _flush(self):
+        if self._ended("flush"):
+            return
+        self.stream.flush()
+        if not self._flushed():
+            self.loop.step()
+
+    def _flushed(self):
+        """Answer the flushes whose audio is all decoded; whether any was."""
+        stream = self.stream
+        answered = False
+        while stream.flushes and stream.flushes[0] <= stream.decoded_samples:
+            stream.flushes.pop(0)
+            self._send_result([], [], False, self.turns.flush())
+            answered = True
+        return answered
+
     def _audio(self, message):
         stream = self.stream
-        if stream.finishing:
-            self.channel.send(messages.error(
-                "audio after the end of the stream (%s) was ignored"
-                % (stream.end_reason,)))
+        if self._ended("audio"):
             return
+        if message.sample_rate is not None and message.sample_rate != stream.input_rate:
+            if stream.received:
+                self.channel.send(messages.error(
+                    "sample_rate %d differs from the stream's %d Hz: it can only change "
+                    "before the first audio message; the audio was ignored"
+                    % (message.sample_rate, stream.input_rate)))
+                return
+            stream.set_input_rate(message.sample_rate)
         samples = message.samples
         room = int(self.limits.max_stream_seconds * stream.input_rate) - stream.received
         if len(samples) > room:
@@ -232,12 +297,28 @@ class StreamSession:
         if self._backlogged and stream.cutter.buffered_samples <= self._max_backlog / 2:
             self._backlogged = False
             self.channel.resume_reading(BACKLOG)
-        if result.token_ids or result.is_last:
-            self.channel.send(messages.result(
-                stream.id, stream.text.strip(), result.token_ids, result.confidences,
-                result.is_last, stream.audio_ms))
+        # The transcript before this step's text, then each part's.
+        text = stream.text[:len(stream.text) - len(result.text)]
+        parts = self.turns.step(result, result.pieces, stream.audio_ms, result.is_last)
+        for i, part in enumerate(parts):
+            text += part.text
+            self._send_result(part.token_ids, part.confidences,
+                              result.is_last and i == len(parts) - 1, part.turn, text)
         if result.is_last:
             self.channel.close()
+            return
+        self._flushed()
+        if self.turns.finalize_due and not stream.finishing:
+            self.log.info("stream {stream_id}: {ms} ms of silence: finalized "
+                          "(--finalize-silence-ms)", stream_id=stream.id,
+                          ms=self.limits.turns.finalize_silence_ms)
+            self._finish("silence")
+
+    def _send_result(self, token_ids, confidences, is_final, turn, text=None):
+        stream = self.stream
+        self.channel.send(messages.result(
+            stream.id, (stream.text if text is None else text).strip(), token_ids,
+            confidences, is_final, stream.audio_ms, turn))
 
     def stream_failed(self, stream, reason):
         if self.connected:

@@ -37,10 +37,19 @@ class Options(usage.Options):
     ]
 
 
+class _NoModel:
+    """What a session asks of the engine, for a loop that decodes nothing."""
+
+    frame_ms = 80
+    eou_id = None
+    vad = None
+
+
 class _IdleLoop:
     """Stands in for the decode loop: chunks are cut, not decoded."""
 
     busy = False
+    engine = _NoModel()
 
     def step(self):
         pass

@@ -35,6 +35,8 @@ class Stream:
     text = attr.ib(default="")      #: transcript so far
     decoded_samples = attr.ib(default=0)  #: model-rate samples the transcript covers
     end_reason = attr.ib(default=None)  #: why it is finishing, once it is
+    #: Model-rate samples each pending flush waits for (``decoded_samples``).
+    flushes = attr.ib(factory=list, repr=False)
 
     @property
     def finishing(self):
@@ -48,6 +50,22 @@ class Stream:
     def audio_ms(self):
         """Milliseconds of audio, from the stream's start, that the transcript covers."""
         return round(self.decoded_samples * 1000 / self.cutter.geometry.sample_rate, 3)
+
+    def set_input_rate(self, rate):
+        """The client's audio comes at rate (before any audio has)."""
+        self.input_rate = rate
+        self.resampler = None
+        if rate != self.cutter.geometry.sample_rate:
+            self.resampler = Resampler(rate, self.cutter.geometry.sample_rate)
+
+    def flush(self):
+        """Have everything received so far decoded without waiting for more
+        audio: silence completes the chunk being filled."""
+        if self.resampler is not None:
+            # What the converter holds back is let out, and a new one starts.
+            self.cutter.push(self.resampler.flush())
+            self.set_input_rate(self.input_rate)
+        self.flushes.append(self.cutter.pad_to_chunk())
 
     def push(self, samples):
         self.received += len(samples)
@@ -96,12 +114,10 @@ class StreamRegistry:
             raise RegistryFull()
         stream_id = self._next_id
         self._next_id += 1
-        resampler = None
-        if self.input_rate != self.geometry.sample_rate:
-            resampler = Resampler(self.input_rate, self.geometry.sample_rate)
         stream = Stream(stream_id, peer, transport, listener,
                         ChunkCutter(stream_id, self.geometry), self.input_rate,
-                        self.clock.seconds(), resampler)
+                        self.clock.seconds())
+        stream.set_input_rate(self.input_rate)
         self._streams[stream_id] = stream
         self.opened += 1
         self.log.info("stream {stream_id} opened by {peer} over {transport}",

@@ -56,6 +56,13 @@ def _sample_rate(value):
     return rate
 
 
+def _probability(value):
+    p = float(value)
+    if not 0 < p < 1:
+        raise ValueError("must be between 0 and 1")
+    return p
+
+
 def _model_size(value):
     if value not in MODEL_SIZES:
         raise ValueError("choose one of: %s" % ", ".join(sorted(MODEL_SIZES)))
@@ -83,8 +90,9 @@ class Options(usage.Options):
         ("model-size", None, "small",
          "Model to serve: small (%s) or large (%s)."
          % (MODEL_SIZES["small"], MODEL_SIZES["large"]), _model_size),
-        ("model", None, None, "A Hugging Face model id or a local .nemo file of "
-         "any NeMo cache-aware RNNT model; overrides --model-size."),
+        ("model", None, None, "'demo' (the built-in model, no download), a "
+         "Hugging Face model id or a local .nemo file of any NeMo cache-aware "
+         "RNNT model; overrides --model-size."),
         ("device", None, None, "PyTorch device: cpu, cuda or cuda:N "
          "[default: cuda when available, else cpu]."),
         ("precision", None, None, "Model arithmetic: float32, bfloat16, float16, or "
@@ -117,6 +125,20 @@ class Options(usage.Options):
         ("chunk-ms", None, None, "Audio per model step in ms, for models trained "
          "with several look-aheads (80, 160, 560 or 1120 for the large model) "
          "[default: the model's own].", positive(int)),
+        ("vad-threshold", None, 0.5, "Speech probability (0-1) at which voice activity "
+         "detection counts a 32 ms window as speech.", _probability),
+        ("vad-min-silence-ms", None, 300, "Milliseconds below the threshold before a "
+         "stream's state turns from speech to silence.", not_negative(int)),
+        ("eou-silence-ms", None, 800, "Milliseconds without a new token, heard as "
+         "silence, that end an utterance (NeMo's stop_history_eou; models with an "
+         "<EOU> token usually end it sooner); 0: only <EOU>, flush and the end of the "
+         "stream end utterances.", not_negative(int)),
+        ("finalize-silence-ms", None, 0, "Finalize a stream after this many ms of "
+         "silence following speech (its final result is sent and its slot freed); "
+         "0: never, the client decides.", not_negative(int)),
+    ]
+    optFlags = [
+        ("no-vad", None, "No voice activity detection (results carry last_state null)."),
     ]
 
     def postOptions(self):
@@ -176,6 +198,7 @@ def makeService(config, reactor=None, engine=None):
     if reactor is None:
         from twisted.internet import reactor
     from .protocol import Limits
+    from .turns import TurnSettings
     from .registry import StreamRegistry
     from .scheduler import DecodeLoop
     from .transports import (
@@ -191,6 +214,9 @@ def makeService(config, reactor=None, engine=None):
              precision=engine.precision,
              chunk_ms=engine.geometry.chunk_seconds * 1000, rate=engine.sample_rate)
 
+    engine.endpointing_ms = config["eou-silence-ms"]
+    if config["no-vad"]:
+        engine.vad = None
     registry = StreamRegistry(config["max-num-streams"], engine.geometry,
                               config["sample-rate"], reactor)
     loop = DecodeLoop(engine, registry, reactor, max_batch=config["max-batch"])
@@ -201,7 +227,9 @@ def makeService(config, reactor=None, engine=None):
                     max_message_bytes=config["max-message-bytes"],
                     idle_timeout=config["idle-timeout"],
                     max_backlog_seconds=config["max-backlog-seconds"],
-                    write_timeout=config["write-timeout"])
+                    write_timeout=config["write-timeout"],
+                    turns=TurnSettings(config["vad-threshold"], config["vad-min-silence-ms"],
+                                       config["finalize-silence-ms"]))
     host = config["host"]
     Listener(reactor, tcp_endpoint(host, config["port"]),
              StreamLineFactory(registry, loop, limits, reactor),

@@ -14,7 +14,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from . import messages
-from .audio import ENCODINGS
+from .audio import ENCODINGS, AudioError, check_rate
 from .protocol import Channel, StreamSession
 
 #: Seconds a failed WebSocket connection has to take the server's close
@@ -214,18 +214,26 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         self._peer_text = _peer(self.transport.getPeer())
-        # Binary messages carry raw audio in the encoding the URL names.
-        self.binary_encoding = request.params.get("encoding", ["pcm16"])[-1]
-        if self.binary_encoding not in ENCODINGS:
+        # The URL may say how the client's audio comes (browsers capture at
+        # their own rate, and binary messages carry no JSON to say it in).
+        self.encoding = request.params.get("encoding", [None])[-1]
+        if self.encoding is not None and self.encoding not in ENCODINGS:
             raise ConnectionDeny(400, "unknown audio encoding %r in the URL (expected "
-                                      "one of: %s)" % (self.binary_encoding[:32],
+                                      "one of: %s)" % (self.encoding[:32],
                                                        ", ".join(ENCODINGS)))
+        self.sample_rate = rate = request.params.get("sample_rate", [None])[-1]
+        if rate is not None:
+            try:
+                self.sample_rate = check_rate(
+                    int(rate) if rate.isascii() and rate.isdigit() and len(rate) < 7 else rate)
+            except AudioError as e:
+                raise ConnectionDeny(400, "%s in the URL" % (e,))
 
     def onOpen(self):
         channel = WebSocketChannel(self, self._peer_text)
         self.session = self.factory.session(channel, "websocket")
         channel.flow = FlowControl(self.transport, self.session)
-        self.session.connection_made()
+        self.session.connection_made(self.sample_rate, self.encoding)
 
     def onMessage(self, payload, isBinary):
         if self.session is None:
@@ -233,7 +241,7 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
         if len(payload) > self.factory.limits.max_message_bytes:
             self.session.message_too_large(len(payload))
         elif isBinary:
-            self.session.audio_received(payload, self.binary_encoding)
+            self.session.audio_received(payload)
         else:
             self.session.message_received(payload)
 

@@ -4,16 +4,31 @@ from parakeet.engine import StepResult
 
 
 class FakeEngine:
-    """Decodes each chunk to one token: the number of frames it held."""
+    """Decodes each chunk to one token: the number of frames it held, at the
+    chunk's last encoder frame; no voice activity detection, no <EOU>."""
+
+    frame_ms = 80
+    eou_id = None
+    vad = None
+    endpointing_ms = 0
 
     def __init__(self, geometry):
         self.geometry = geometry
         self.batches = []
+        self._frames = {}
 
     def step(self, chunks):
         self.batches.append([c.stream_id for c in chunks])
-        return [StepResult(c.stream_id, [c.valid_frames], [0.5], " %d" % c.valid_frames,
-                           c.is_last) for c in chunks]
+        results = []
+        for c in chunks:
+            frames = self._frames.get(c.stream_id, 0) + c.valid_frames
+            self._frames[c.stream_id] = frames
+            if c.is_last:
+                del self._frames[c.stream_id]
+            results.append(StepResult(
+                c.stream_id, [c.valid_frames], [0.5], " %d" % c.valid_frames, c.is_last,
+                frames=[max(0, frames - 1) // 8], pieces=["\u2581%d" % c.valid_frames]))
+        return results
 
 
 class RecordingListener:
@@ -60,7 +75,8 @@ class FakeChannel:
 
 class FakeLoop:
 
-    def __init__(self):
+    def __init__(self, engine=None):
+        self.engine = engine or FakeEngine(None)
         self.steps = 0
         self.busy = False
 

@@ -49,6 +49,8 @@ def assert_engine_idle(test, engine):
     test.assertEqual(pipeline.context_manager.free_slots.qsize(),
                      pipeline.context_manager.num_slots)
     test.assertEqual(engine._feature_cache, {})
+    if engine.vad is not None:
+        test.assertEqual(len(engine.vad), 0)
 
 
 def speechlike(seed, seconds):
@@ -65,17 +67,8 @@ def quantized(samples):
 
 def offline_tokens(engine, audio):
     """What the model decodes from the whole utterance at once: (tokens, frames)."""
-    import torch
-
-    model = engine.pipeline.asr_model.asr_model
-    signal = torch.from_numpy(np.asarray(audio, dtype=np.float32))[None]
-    with torch.inference_mode():
-        feats, feat_len = engine.pipeline.preprocessor(
-            input_signal=signal, length=torch.tensor([signal.shape[1]]))
-        encoded, encoded_len = model.encoder(audio_signal=feats, length=feat_len)
-        hyp = model.decoding.rnnt_decoder_predictions_tensor(
-            encoded, encoded_len, return_hypotheses=True)[0]
-    return hyp.y_sequence.tolist(), int(feat_len[0])
+    tokens, _, frames = engine.decode_offline(audio)
+    return tokens, frames
 
 
 def staggered_batches(cutters, audios, starts, piece=2560):

@@ -42,3 +42,45 @@ class ResamplerTests(unittest.TestCase):
         # Still a 440 Hz tone.
         spectrum = np.abs(np.fft.rfft(out))
         self.assertAlmostEqual(np.argmax(spectrum) * rate_out / len(out), 440, delta=2)
+
+
+class MulawTests(unittest.TestCase):
+
+    def test_matches_the_standard_decoder(self):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                import audioop
+            except ImportError:
+                raise unittest.SkipTest("this Python has no audioop")
+        codes = bytes(range(256))
+        expected = np.frombuffer(audioop.ulaw2lin(codes, 2), "<i2") / 32768.0
+        np.testing.assert_array_equal(decode_samples(codes, "mulaw"), expected)
+
+    def test_round_trip_is_within_one_step(self):
+        samples = np.linspace(-0.97, 0.97, 2001).astype(np.float32)
+        decoded = decode_samples(encode_samples(samples, "mulaw"), "mulaw")
+        self.assertEqual(decoded.dtype, np.float32)
+        # mu-law steps grow with the level: 1/8192 near zero, 1/32 at the top.
+        error = np.abs(decoded - samples)
+        self.assertLess(error.max(), 1 / 32)
+        self.assertLess(error[np.abs(samples) < 0.01].max(), 1 / 1024)
+
+    def test_every_byte_is_a_sample(self):
+        self.assertEqual(len(decode_samples(b"\x00\xff\x7f", "mulaw")), 3)
+
+
+class RateTests(unittest.TestCase):
+
+    def test_check_rate(self):
+        from parakeet.audio import check_rate
+
+        for rate in (8000, 16000, 44100, 48000):
+            self.assertEqual(check_rate(rate), rate)
+        for bad in (7999, 48001, 0, -16000, 16000.0, "16000", True, None):
+            with self.assertRaises(AudioError) as caught:
+                check_rate(bad)
+            self.assertIn("sample_rate must be a whole number of Hz from 8000 to 48000",
+                          str(caught.exception))

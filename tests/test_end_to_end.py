@@ -56,11 +56,15 @@ def read_status(port):
 class ServerTestMixin:
     """Starts the server on free loopback ports; subclasses pick a transport."""
 
-    def start_server(self, *flags):
+    def start_server(self, *flags, engine=None):
         options = tap.Options()
         options.parseOptions(["--host", "127.0.0.1", "--port", "0", "--ws-port", "0",
                               "--status-port", "0"] + list(flags))
-        self.engine = shared_tiny_engine()
+        self.engine = engine or shared_tiny_engine()
+        # The server's flags set how the engine finds turns; put them back.
+        settings = (self.engine.vad, self.engine.endpointing_ms)
+        self.addCleanup(setattr, self.engine, "vad", settings[0])
+        self.addCleanup(setattr, self.engine, "endpointing_ms", settings[1])
         self.server = tap.makeService(options, reactor, engine=self.engine)
         self.server.startService()
         self.addCleanup(self.stop_server)
@@ -109,14 +113,19 @@ class ServerTestMixin:
         results = client.results()
         self.assertEqual([r["is_final"] for r in results],
                          [False] * (len(results) - 1) + [True])
+        said = ("pause", None)
         for r in results:
-            self.assertEqual(set(r), {"type", "stream_id", "text", "token_ids",
-                                      "confidence_scores", "is_final", "audio_ms"})
+            self.assertEqual(set(r) - {"utterance"},
+                             {"type", "stream_id", "text", "token_ids", "confidence_scores",
+                              "is_final", "audio_ms", "turn_detection", "last_state"})
             self.assertEqual(len(r["token_ids"]), len(r["confidence_scores"]))
             for c in r["confidence_scores"]:
                 self.assertTrue(0.0 <= c <= 1.0, c)
-            if not r["is_final"]:
-                self.assertTrue(r["token_ids"], "a partial result without tokens")
+            turn = (r["turn_detection"], r["last_state"])
+            if not r["is_final"] and not r["token_ids"]:
+                # A result without tokens says something new about the turn.
+                self.assertTrue("utterance" in r or turn != said, r)
+            said = turn
         return [t for r in results for t in r["token_ids"]]
 
     def tokenizer(self):
@@ -352,6 +361,109 @@ class StreamTestsMixin(ServerTestMixin):
         yield self.stream(a, speechlike(22, 0.3))
         yield wait_for(lambda: len(self.server.registry) == 1)
         self.assertEqual((yield self.status())["connected_streams"], 1)
+
+
+class TurnTestsMixin(ServerTestMixin):
+    """flush and config over a transport (the tiny model: words are random,
+    what is checked is where results come and what they carry)."""
+
+    @defer.inlineCallbacks
+    def test_flush_ends_an_utterance_and_the_stream_goes_on(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next(lambda m: m["type"] == "hello")
+        audio = speechlike(31, 2.0)
+        first, second = audio[:17000], audio[17000:]
+        for start in range(0, len(first), PIECE):
+            client.send_audio(first[start:start + PIECE])
+        client.send({"type": "flush"})
+        flushed = yield client.next(lambda m: m["type"] == "result" and "utterance" in m
+                                    and m["utterance"]["reason"] == "flush")
+        self.assertEqual((flushed["turn_detection"], flushed["is_final"]),
+                         ("end_of_utterance", False))
+        utterance = flushed["utterance"]
+        self.assertEqual(utterance["reason"], "flush")
+        # Everything sent before the flush was decoded: the audio, and the
+        # silence that completed its last chunk.
+        self.assertGreaterEqual(flushed["audio_ms"], 17000 / 16)
+        self.assertLess(flushed["audio_ms"], 17000 / 16 + 160 + 16)
+        self.assertEqual(utterance["text"], " ".join(w["word"] for w in utterance["words"]))
+        self.assertTrue(flushed["text"].endswith(utterance["text"]))
+        for word in utterance["words"]:
+            self.assertLess(word["start_ms"], word["end_ms"])
+            self.assertLessEqual(word["end_ms"], flushed["audio_ms"] + 80)
+            self.assertTrue(0 <= word["confidence"] <= 1)
+        for start in range(0, len(second), PIECE):
+            client.send_audio(second[start:start + PIECE], final=start + PIECE >= len(second))
+        final = yield client.final()
+        self.assertEqual(client.errors(), [])
+        self.assertGreater(final["audio_ms"], flushed["audio_ms"])
+        self.assertTrue(final["text"].startswith(flushed["text"]))
+        indexes = [m["utterance"]["index"] for m in client.results() if "utterance" in m]
+        self.assertEqual(indexes, list(range(len(indexes))))
+
+    @defer.inlineCallbacks
+    def test_config_declares_rate_and_encoding(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next(lambda m: m["type"] == "hello")
+        client.send({"type": "config", "sample_rate": 8000, "encoding": "mulaw"})
+        audio = speechlike(32, 1.0)[::2].copy()  # 1 s at 8 kHz
+        payload = encode_samples(audio, "mulaw")
+        for start in range(0, len(payload), 800):
+            client.send({"type": "audio",
+                         "data": base64.b64encode(payload[start:start + 800]).decode()})
+        client.close()
+        final = yield client.final()
+        self.assertEqual(client.errors(), [])
+        self.assertAlmostEqual(final["audio_ms"], 1000, delta=20)
+
+    @defer.inlineCallbacks
+    def test_bad_config(self):
+        self.start_server()
+        client = yield self.connect()
+        yield client.next(lambda m: m["type"] == "hello")
+        client.send({"type": "config", "sample_rate": 96000})
+        error = yield client.next(lambda m: m["type"] == "error")
+        self.assertIn("sample_rate must be a whole number of Hz from 8000 to 48000",
+                      error["message"])
+        client.send({"type": "ping"})
+        yield client.next(lambda m: m["type"] == "pong")
+
+
+class TCPTurnTests(TurnTestsMixin, unittest.TestCase):
+    transport = "tcp"
+
+
+class WebSocketTurnTests(TurnTestsMixin, unittest.TestCase):
+    transport = "ws"
+
+    @defer.inlineCallbacks
+    def test_rate_and_encoding_in_the_url(self):
+        self.start_server()
+        client = yield clients.connect(reactor, self.address() + "/?sample_rate=48000"
+                                                                  "&encoding=f32")
+        self.addCleanup(self._hang_up, client)
+        hello = yield client.next()
+        self.assertEqual(hello["sample_rate"], 48000)
+        audio = np.repeat(speechlike(33, 1.0), 3)  # 1 s at 48 kHz
+        for start in range(0, len(audio), 4800):
+            client._proto.sendMessage(encode_samples(audio[start:start + 4800], "f32"),
+                                      isBinary=True)
+        client.close()
+        final = yield client.final()
+        self.assertEqual(client.errors(), [])
+        self.assertAlmostEqual(final["audio_ms"], 1000, delta=20)
+
+    @defer.inlineCallbacks
+    def test_bad_rate_in_the_url_is_refused_at_the_handshake(self):
+        self.start_server()
+        for query in ("/?sample_rate=4000", "/?sample_rate=16k",
+                      "/?sample_rate=" + "9" * 5000):
+            with self.assertRaises(ConnectionError) as caught:
+                yield clients.connect(reactor, self.address() + query)
+            self.assertIn("400", str(caught.exception))
+        self.assertEqual(len(self.server.registry), 0)
 
 
 class TCPTests(StreamTestsMixin, unittest.TestCase):

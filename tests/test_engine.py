@@ -108,6 +108,36 @@ class EngineTests(unittest.TestCase):
         tokenizer = self.engine.pipeline.tokenizer
         self.assertEqual(text.split(), tokenizer.ids_to_text(tokens).split())
 
+    def test_results_carry_frames_pieces_and_voice_activity(self):
+        audio = speechlike(8, 2.0)
+        results = stream_alone(self.engine, audio, 1, piece=2000)
+        tokens, frames, _ = self.engine.decode_offline(audio)
+        # The frame of every token is the one offline decoding gives it.
+        self.assertEqual([f for r in results for f in r.frames], frames)
+        self.assertEqual(tokens_of(results), tokens)
+        pieces = self.engine.pipeline.tokenizer.ids_to_tokens(tokens)
+        self.assertEqual([p for r in results for p in r.pieces], pieces)
+        # Every whole 32 ms window of the stream is heard once.
+        speech = [p for r in results for p in r.speech]
+        self.assertEqual(len(speech), len(audio) // 512)
+        self.assertTrue(all(0.0 <= p <= 1.0 for p in speech))
+        self.assertEqual((self.engine.frame_ms, self.engine.eou_id),
+                         (80, self.engine.pipeline.asr_model.tokenizer.token_to_id("<EOU>")))
+
+    def test_endpointing_history_is_long_enough_to_fire(self):
+        # NeMo asks for more blank frames than its history holds; the
+        # serving pipeline's history holds one more, so it can fire.
+        from nemo.collections.asr.inference.streaming.framing.request_options import (
+            ASRRequestOptions)
+
+        pipeline = self.engine.pipeline
+        state = pipeline.create_state(ASRRequestOptions(stop_history_eou=800))
+        self.assertEqual(state.label_buffer_size, 11)
+        blanks = state.get_label_buffer()
+        self.assertEqual(pipeline.endpointer.detect_eou_near_pivot(
+            blanks, len(blanks) - 1, stop_history_eou=800), (True, 5))
+        self.assertEqual(pipeline.create_state(ASRRequestOptions()).label_buffer_size, 0)
+
     def test_control_tokens_stay_out_of_text(self):
         tokenizer = self.engine.pipeline.tokenizer
         eou = tokenizer.tokens_to_ids(["<EOU>"])[0]

@@ -129,3 +129,30 @@ class ChunkCutterTests(unittest.TestCase):
         cutter = ChunkCutter(1, G)
         cutter.push(np.zeros(5000, np.float32))
         self.assertEqual(cutter.next_chunk().audio_samples, G.samples_needed(0))
+
+    def test_pad_to_chunk(self):
+        cutter = ChunkCutter(1, G)
+        self.assertEqual(cutter.pad_to_chunk(), 0)  # nothing to decode
+        self.assertEqual(cutter.received, 0)
+        audio = np.arange(1, 1001, dtype=np.float32)
+        cutter.push(audio)
+        first = G.samples_needed(0)
+        self.assertEqual(cutter.pad_to_chunk(), first)
+        self.assertEqual(cutter.received, first)
+        chunk = cutter.next_chunk()
+        self.assertEqual(chunk.audio_samples, first)
+        # The audio is unchanged, followed by silence.
+        body = chunk.samples[G.margin:]
+        np.testing.assert_array_equal(body[:1000], audio)
+        self.assertFalse(body[1000:].any())
+        # Right after a chunk: nothing more to pad.
+        self.assertEqual(cutter.pad_to_chunk(), first)
+        self.assertEqual(cutter.received, first)
+        # A chunk and most of another: only the chunk being filled is completed.
+        cutter.push(np.ones(2 * 16 * G.hop - 10, np.float32))
+        second, third = G.samples_needed(9), G.samples_needed(25)
+        self.assertEqual(cutter.pad_to_chunk(), third)
+        self.assertEqual([c.audio_samples for c in iter(cutter.next_chunk, None)],
+                         [second, third])
+        cutter.finish()
+        self.assertRaises(ValueError, cutter.pad_to_chunk)

@@ -102,3 +102,51 @@ class BuildTests(unittest.TestCase):
         self.assertEqual(messages.error("x"), {"type": "error", "message": "x"})
         self.assertEqual(messages.pong(), {"type": "pong"})
         self.assertEqual(messages.encode({"type": "pong"}), b'{"type":"pong"}')
+
+
+class TurnMessageTests(unittest.TestCase):
+    """config, flush, and the sample rate an audio message may declare."""
+
+    def assertRejected(self, raw, fragment):
+        with self.assertRaises(messages.ProtocolError) as caught:
+            messages.parse(raw)
+        self.assertIn(fragment, str(caught.exception))
+
+    def test_flush(self):
+        self.assertEqual(messages.parse('{"type":"flush"}'), messages.Flush())
+
+    def test_config(self):
+        self.assertEqual(messages.parse('{"type":"config","sample_rate":48000}'),
+                         messages.Config(48000, None))
+        self.assertEqual(messages.parse('{"type":"config","encoding":"mulaw",'
+                                        '"sample_rate":8000}'),
+                         messages.Config(8000, "mulaw"))
+        self.assertEqual(messages.parse('{"type":"config"}'), messages.Config())
+        self.assertRejected('{"type":"config","sample_rate":96000}',
+                            "sample_rate must be a whole number of Hz from 8000 to 48000, "
+                            "got 96000")
+        self.assertRejected('{"type":"config","sample_rate":"16k"}', "sample_rate")
+        self.assertRejected('{"type":"config","encoding":"opus"}',
+                            "unknown audio encoding 'opus'")
+        self.assertRejected('{"type":"config","encoding":7}', "'encoding' must be a string")
+
+    def test_audio_sample_rate(self):
+        message = messages.parse(json.dumps({"type": "audio", "sample_rate": 8000,
+                                             "data": ""}))
+        self.assertEqual(message.sample_rate, 8000)
+        self.assertIsNone(messages.parse(audio_json(np.zeros(2))).sample_rate)
+        self.assertRejected('{"type":"audio","sample_rate":4000,"data":""}', "sample_rate")
+
+    def test_default_encoding(self):
+        # Audio that names no encoding is taken in the one the stream set.
+        payload = base64.b64encode(bytes([0xff, 0x00])).decode()
+        raw = json.dumps({"type": "audio", "data": payload})
+        self.assertEqual(len(messages.parse(raw).samples), 1)  # pcm16
+        self.assertEqual(len(messages.parse(raw, "mulaw").samples), 2)
+
+    def test_result_turn_fields(self):
+        turn = {"turn_detection": "pause", "last_state": "silence"}
+        message = messages.result(3, "hi", [1], [0.5], False, 80.0, turn)
+        self.assertEqual((message["turn_detection"], message["last_state"]),
+                         ("pause", "silence"))
+        self.assertNotIn("turn_detection", messages.result(3, "hi", [1], [0.5], False, 80.0))

@@ -113,6 +113,18 @@ class OptionsTests(unittest.TestCase):
                      ["--max-stream-seconds", "-1"], ["--precision", "int4"], ["--bogus"]):
             self.assertRaises(usage.UsageError, self.parse, *argv)
 
+    def test_turn_flags(self):
+        o = self.parse()
+        self.assertEqual((o["vad-threshold"], o["vad-min-silence-ms"], o["eou-silence-ms"],
+                          o["finalize-silence-ms"], o["no-vad"]), (0.5, 300, 800, 0, 0))
+        o = self.parse("--vad-threshold", "0.7", "--vad-min-silence-ms", "100",
+                       "--eou-silence-ms", "0", "--finalize-silence-ms", "1500", "--no-vad")
+        self.assertEqual((o["vad-threshold"], o["vad-min-silence-ms"], o["eou-silence-ms"],
+                          o["finalize-silence-ms"], o["no-vad"]), (0.7, 100, 0, 1500, 1))
+        for argv in (["--vad-threshold", "1"], ["--vad-threshold", "0"],
+                     ["--eou-silence-ms", "-5"], ["--finalize-silence-ms", "x"]):
+            self.assertRaises(usage.UsageError, self.parse, *argv)
+
     def test_model_sizes(self):
         self.assertEqual(MODEL_SIZES, {
             "small": "nvidia/parakeet_realtime_eou_120m-v1",

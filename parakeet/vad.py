@@ -1,0 +1,99 @@
+"""
+Voice activity detection for many streams at once.
+
+The network is Silero VAD (the ``silero-vad`` package ships it; no
+download).  The package's own wrapper keeps one recurrent state inside the
+model for one fixed batch, and importing the package sets torch's thread
+count for the whole process, so the server loads the network from the
+package's data folder and calls it with the state passed in and out: each
+stream's state (the LSTM state and the last 64 samples it heard) lives with
+the stream, so any set of streams can share one batched call.
+
+The network hears 16 kHz audio in windows of 512 samples (32 ms) and gives
+the probability that each window holds speech.
+
+Runs on the model thread.
+"""
+
+import importlib.util
+import os
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+WINDOW = 512
+CONTEXT = 64
+WINDOW_MS = WINDOW * 1000 // SAMPLE_RATE
+
+
+def _load_network(device):
+    """The package's TorchScript network (without its stateful wrapper)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("voice activity detection needs the silero-vad package")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "silero_vad.jit")
+    return torch.jit.load(path, map_location=device)._model
+
+
+class StreamVAD:
+    """One stream's detector state: LSTM state, context, unheard samples."""
+
+    __slots__ = ("state", "context", "pending")
+
+    def __init__(self, device):
+        self.state = torch.zeros(2, 128, device=device)
+        self.context = np.zeros(CONTEXT, np.float32)
+        self.pending = np.zeros(0, np.float32)
+
+
+class VoiceActivity:
+    """Speech probabilities of 32 ms windows, for any set of streams per call."""
+
+    def __init__(self, device="cpu"):
+        """device: where the network runs (with the model, so that thousands
+        of streams on a GPU do not wait on the CPU)."""
+        self.device = torch.device(device)
+        self.network = _load_network(self.device)
+        self._streams = {}
+
+    def forget(self, stream_ids):
+        for sid in stream_ids:
+            self._streams.pop(sid, None)
+
+    def __len__(self):
+        return len(self._streams)
+
+    def __call__(self, audio):
+        """audio: {stream_id: new 16 kHz float32 samples}.  Returns
+        {stream_id: speech probabilities of the whole windows completed}
+        (a partial window waits for the next call)."""
+        rows, owners = [], []
+        for sid, samples in audio.items():
+            state = self._streams.get(sid)
+            if state is None:
+                state = self._streams[sid] = StreamVAD(self.device)
+            pending = np.concatenate([state.pending, np.asarray(samples, np.float32)])
+            n = len(pending) // WINDOW
+            windows = []
+            context = state.context
+            for i in range(n):
+                window = pending[i * WINDOW:(i + 1) * WINDOW]
+                windows.append(np.concatenate([context, window]))
+                context = window[-CONTEXT:]
+            state.context = context
+            state.pending = pending[n * WINDOW:]
+            rows.append(windows)
+            owners.append(sid)
+        out = {sid: [] for sid in owners}
+        depth = max((len(w) for w in rows), default=0)
+        with torch.inference_mode():
+            for k in range(depth):
+                active = [i for i, w in enumerate(rows) if len(w) > k]
+                x = torch.from_numpy(np.stack([rows[i][k] for i in active])).to(self.device)
+                states = [self._streams[owners[i]] for i in active]
+                p, state = self.network(x, torch.stack([s.state for s in states], 1))
+                for j, (i, probability) in enumerate(zip(active, p[:, 0].tolist())):
+                    states[j].state = state[:, j]
+                    out[owners[i]].append(probability)
+        return out
