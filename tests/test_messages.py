@@ -18,12 +18,15 @@ def audio_json(samples=None, encoding="pcm16", final=None, data=None):
     return json.dumps(obj)
 
 
-class ParseTests(unittest.TestCase):
+class RejectsMixin:
 
     def assertRejected(self, raw, fragment):
         with self.assertRaises(messages.ProtocolError) as caught:
             messages.parse(raw)
         self.assertIn(fragment, str(caught.exception))
+
+
+class ParseTests(RejectsMixin, unittest.TestCase):
 
     def test_ping_and_close(self):
         self.assertIsInstance(messages.parse(b'{"type":"ping"}'), messages.Ping)
@@ -104,13 +107,8 @@ class BuildTests(unittest.TestCase):
         self.assertEqual(messages.encode({"type": "pong"}), b'{"type":"pong"}')
 
 
-class TurnMessageTests(unittest.TestCase):
+class TurnMessageTests(RejectsMixin, unittest.TestCase):
     """config, flush, and the sample rate an audio message may declare."""
-
-    def assertRejected(self, raw, fragment):
-        with self.assertRaises(messages.ProtocolError) as caught:
-            messages.parse(raw)
-        self.assertIn(fragment, str(caught.exception))
 
     def test_flush(self):
         self.assertEqual(messages.parse('{"type":"flush"}'), messages.Flush())
