@@ -154,10 +154,6 @@ class TurnTracker:
             self._words = []
         return self._end("flush")
 
-    def changed(self):
-        """Whether the state differs from what the last result said."""
-        return self._changed()
-
     # internals
 
     def _hear(self, speech):
