@@ -4,8 +4,6 @@ The model side of the server: one batched decoding step over many streams.
 Everything here runs on the model thread, never on the reactor thread.
 """
 
-import re
-
 import attr
 import numpy as np
 import torch
@@ -13,11 +11,9 @@ from twisted.logger import Logger
 
 from .frontend import ChunkGeometry
 from .models import PRECISIONS, quiet_nemo
+from .turns import piece_text
 
 log = Logger()
-
-_CONTROL_PIECE = re.compile(r"^<[^<>]+>$")
-_WORD_START = "\u2581"
 
 #: The end-of-utterance token of the small model and the demo model.
 EOU = "<EOU>"
@@ -238,9 +234,7 @@ class Engine:
 
     def text_of(self, token_ids):
         """The text token_ids add to a transcript (control tokens left out)."""
-        pieces = self._pieces(token_ids) if token_ids else []
-        return "".join(p.replace(_WORD_START, " ") for p in pieces
-                       if not _CONTROL_PIECE.match(p))
+        return "".join(map(piece_text, self._pieces(token_ids) if token_ids else []))
 
     def step(self, chunks):
         """Decode one chunk of each stream; returns one StepResult per chunk."""
@@ -267,10 +261,11 @@ class Engine:
             for chunk in work:
                 e = emitted.get(chunk.stream_id)
                 tokens = e.token_ids if e else []
+                pieces = self._pieces(tokens) if tokens else []
                 results[chunk.stream_id] = StepResult(
                     chunk.stream_id, tokens, e.confidences if e else [],
-                    self.text_of(tokens), chunk.is_last, e.frames if e else [],
-                    speech.get(chunk.stream_id, []), bool(e and e.endpoint),
-                    self._pieces(tokens) if tokens else [])
+                    "".join(map(piece_text, pieces)), chunk.is_last,
+                    e.frames if e else [], speech.get(chunk.stream_id, []),
+                    bool(e and e.endpoint), pieces)
         return [results[c.stream_id] for c in chunks]
 

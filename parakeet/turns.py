@@ -18,9 +18,20 @@ An utterance starts with its first word and ends at the first of:
 * the end of the stream.
 """
 
+import re
+
 import attr
 
 WORD_START = "\u2581"
+_CONTROL_PIECE = re.compile(r"^<[^<>]+>$")
+
+
+def piece_text(piece):
+    """What a tokenizer piece adds to a transcript: its text, a space where
+    a word starts, nothing for a control token such as ``<EOU>``."""
+    if _CONTROL_PIECE.match(piece):
+        return ""
+    return piece.replace(WORD_START, " ")
 
 START = "start_of_utterance"
 RUNNING = "running"
@@ -131,9 +142,10 @@ class TurnTracker:
                     started = False
                 continue
             self._last_token_ms = (frame + 1) * self.frame_ms
-            if piece.startswith("<") and piece.endswith(">"):
+            added = piece_text(piece)
+            if not added:
                 continue
-            text.append(piece.replace(WORD_START, " "))
+            text.append(added)
             if not self.in_utterance:
                 if tokens[:-1]:
                     cut(self._turn())
