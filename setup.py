@@ -13,7 +13,8 @@ setup(
     package_data={"twisted": ["plugins/parakeet_plugin.py"],
                   "parakeet": ["data/*.nemo", "data/*.wav"]},
     install_requires=[
-        "twisted>=24.7",
+        # TLS listeners (ssl: endpoints) and clients: pyOpenSSL, service_identity.
+        "twisted[tls]>=24.7",
         "autobahn>=24.4",
         "attrs>=23.1",
         "numpy",
@@ -22,6 +23,8 @@ setup(
         "soxr",
         # Voice activity detection; the package ships its network.
         "silero-vad",
+        # /metrics on the HTTP port.
+        "prometheus_client",
     ],
     extras_require={
         "test": ["hypothesis"],

@@ -1,7 +1,7 @@
 """
-A Twisted client for the server, over TCP or WebSocket.
+A Twisted client for the server, over TCP or WebSocket, in the clear or TLS.
 
-    client = yield connect(reactor, "ws://127.0.0.1:8000")
+    client = yield connect(reactor, "wss://speech.example.com:8000", token=TOKEN)
     hello = yield client.next(lambda m: m["type"] == "hello")
     client.send_audio(samples, final=True)
     final = yield client.final()
@@ -11,6 +11,7 @@ Every message the server sends is kept in ``client.messages``, in order.
 
 import base64
 import json
+from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, endpoints, protocol
@@ -29,6 +30,9 @@ class StreamClient:
         self._proto = None
         #: Called with every message as it arrives, when set.
         self.on_message = None
+        #: Over WebSocket, once the connection is closed: the close code and
+        #: reason the server sent (None if it sent none).
+        self.close_code = self.close_reason = None
 
     # sending
 
@@ -100,9 +104,15 @@ class _LineClientProtocol(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 1 << 26
 
-    def __init__(self, client):
+    def __init__(self, client, token=None):
         self.client = client
+        self.token = token
         client._proto = self
+
+    def connectionMade(self):
+        if self.token is not None:
+            # Before anything else; the server's hello follows it.
+            self.sendLine(json.dumps({"type": "auth", "token": self.token}).encode("utf-8"))
 
     def send_message(self, data):
         self.sendLine(data)
@@ -138,35 +148,94 @@ class _WebSocketClientProtocol(WebSocketClientProtocol):
             self.factory.opened.errback(ConnectionError(
                 "WebSocket handshake failed: %s %s" % (code, reason)))
         else:
+            self.client.close_code = self.remoteCloseCode
+            self.client.close_reason = self.remoteCloseReason
             self.client._lost()
 
 
-def connect_tcp(reactor, host, port):
-    """A Deferred firing with a connected StreamClient."""
-    client = StreamClient()
+def _certificates(path):
+    """The certificates in a PEM file."""
+    from twisted.internet import ssl
+
+    with open(path, "rb") as f:
+        data = f.read()
+    marker = b"-----BEGIN CERTIFICATE-----"
+    blocks = [marker + block for block in data.split(marker)[1:]]
+    if not blocks:
+        raise ValueError("%s holds no PEM certificate" % (path,))
+    return [ssl.Certificate.loadPEM(block) for block in blocks]
+
+
+def tls_options(host, trust=None):
+    """Client TLS options that verify the server's certificate for host
+    against trust (a PEM file of the CA or self-signed certificates to trust)
+    or, if None, the system's trust store."""
+    from twisted.internet import ssl
+
+    root = None if trust is None else ssl.trustRootFromCertificates(_certificates(trust))
+    return ssl.optionsForClientTLS(host, trustRoot=root)
+
+
+def _endpoint(reactor, host, port, tls=False, trust=None):
     endpoint = endpoints.HostnameEndpoint(reactor, host, port)
-    d = endpoints.connectProtocol(endpoint, _LineClientProtocol(client))
+    if tls:
+        endpoint = endpoints.wrapClientTLS(tls_options(host, trust), endpoint)
+    return endpoint
+
+
+def connect_tcp(reactor, host, port, token=None, tls=False, trust=None):
+    """A Deferred firing with a connected StreamClient.
+
+    token: sent in an auth message before anything else; tls: whether to
+    speak TLS, verifying the server against trust (see tls_options)."""
+    client = StreamClient()
+    endpoint = _endpoint(reactor, host, port, tls, trust)
+    d = endpoints.connectProtocol(endpoint, _LineClientProtocol(client, token))
     return d.addCallback(lambda _: client)
 
 
-def connect_websocket(reactor, url):
-    """A Deferred firing with a StreamClient once the WebSocket is open."""
-    factory = WebSocketClientFactory(url)
+def connect_websocket(reactor, url, token=None, trust=None, protocols=None, headers=None):
+    """A Deferred firing with a StreamClient once the WebSocket is open.
+
+    url: ``ws://`` or ``wss://`` (TLS, verified against trust: see
+    tls_options); token: sent as ``Authorization: Bearer``; protocols: the
+    subprotocols to offer; headers: more header fields for the handshake."""
+    headers = dict(headers or {})
+    if token is not None:
+        headers["Authorization"] = "Bearer %s" % (token,)
+    factory = WebSocketClientFactory(url, protocols=protocols, headers=headers)
     factory.protocol = _WebSocketClientProtocol
     factory.client = StreamClient()
     factory.opened = defer.Deferred()
     factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
-    endpoint = endpoints.HostnameEndpoint(reactor, factory.host, factory.port)
+    endpoint = _endpoint(reactor, factory.host, factory.port, factory.isSecure, trust)
     d = endpoint.connect(factory)
     d.addCallback(lambda _: factory.opened)
     return d
 
 
-def connect(reactor, address):
-    """``tcp://host:port`` or ``ws://host:port[/path]``."""
-    if address.startswith("ws://"):
-        return connect_websocket(reactor, address)
-    if address.startswith("tcp://"):
-        host, _, port = address[len("tcp://"):].rpartition(":")
-        return connect_tcp(reactor, host.strip("[]"), int(port))
-    raise ValueError("address must start with tcp:// or ws://")
+SCHEMES = ("tcp", "tls", "ws", "wss")
+
+
+def connect(reactor, address, token=None, trust=None):
+    """``tcp://host:port``, ``tls://host:port``, ``ws://host:port[/path]`` or
+    ``wss://host:port[/path]``: a Deferred firing with a connected StreamClient.
+
+    token: the server's access token, if it wants one (TCP and TLS: an auth
+    message first; WebSocket: an ``Authorization: Bearer`` header).  trust:
+    for tls:// and wss://, a PEM file of the certificates to trust (a CA's,
+    or the server's own self-signed one); None: the system's trust store."""
+    scheme = address.partition("://")[0].lower() if "://" in address else ""
+    if scheme not in SCHEMES:
+        raise ValueError("address must start with tcp://, tls://, ws:// or wss://")
+    if scheme in ("ws", "wss"):
+        return connect_websocket(reactor, address, token=token, trust=trust)
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ValueError("%s://HOST:PORT expected, got %r" % (scheme, address))
+    return connect_tcp(reactor, parts.hostname, port, token=token, tls=scheme == "tls",
+                       trust=trust)

@@ -232,6 +232,17 @@ class Engine:
         self.vad.forget([c.stream_id for c in chunks if c.is_last])
         return speech
 
+    def warm_up(self, seconds=1.0, stream_id=0):
+        """Decode seconds of silence as one stream (an id no client gets), so
+        that the first clients' steps do not pay for what is set up lazily."""
+        from .frontend import ChunkCutter
+
+        cutter = ChunkCutter(stream_id, self.geometry)
+        cutter.push(np.zeros(int(seconds * self.sample_rate), dtype=np.float32))
+        cutter.finish()
+        for chunk in iter(cutter.next_chunk, None):
+            self.step([chunk])
+
     def text_of(self, token_ids):
         """The text token_ids add to a transcript (control tokens left out)."""
         return "".join(map(piece_text, self._pieces(token_ids) if token_ids else []))

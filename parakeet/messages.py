@@ -14,6 +14,7 @@ from .audio import AudioError, check_rate, decode_samples, ENCODINGS
 
 NO_FREE_STATE = "No free streaming state available."
 SHUTTING_DOWN = "The server is shutting down."
+LOADING = "The server is still loading its model; try again shortly."
 
 
 class ProtocolError(ValueError):
@@ -168,5 +169,7 @@ def pong():
     return {"type": "pong"}
 
 
-def status(connected_streams):
-    return {"type": "status", "connected_streams": connected_streams}
+def status(connected_streams, max_streams, state):
+    """state: ``loading``, ``ready``, ``full`` or ``draining``."""
+    return {"type": "status", "connected_streams": connected_streams,
+            "max_streams": max_streams, "state": state}

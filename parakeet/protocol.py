@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from . import messages
 from .audio import AudioError, decode_samples
-from .registry import RegistryClosed, RegistryFull
+from .registry import RegistryClosed, RegistryFull, RegistryLoading
 from .turns import TurnSettings, TurnTracker
 
 
@@ -81,8 +81,9 @@ class StreamSession:
         self._idle = None
         self._unread = None
         self._backlogged = False
-        #: Undecoded samples at which reading from the client pauses.
-        self._max_backlog = limits.max_backlog_seconds * registry.geometry.sample_rate
+        #: Undecoded samples at which reading from the client pauses (known
+        #: once the stream is open: the model's rate).
+        self._max_backlog = None
 
     # transport events
 
@@ -96,13 +97,18 @@ class StreamSession:
             self.log.info("refused {peer} over {transport}: all {capacity} streams "
                           "in use", peer=self.channel.peer, transport=self.transport,
                           capacity=self.registry.capacity)
-            self.channel.send(messages.error(messages.NO_FREE_STATE))
+            self.send_error(messages.NO_FREE_STATE, "full")
             self.channel.close()
             return
         except RegistryClosed:
-            self.channel.send(messages.error(messages.SHUTTING_DOWN))
+            self.send_error(messages.SHUTTING_DOWN, "draining")
             self.channel.close()
             return
+        except RegistryLoading:
+            self.send_error(messages.LOADING, "loading")
+            self.channel.close()
+            return
+        self._max_backlog = self.limits.max_backlog_seconds * self.registry.geometry.sample_rate
         if sample_rate is not None:
             self.stream.set_input_rate(sample_rate)
         self.binary_encoding = encoding or self.binary_encoding
@@ -121,7 +127,7 @@ class StreamSession:
         try:
             message = messages.parse(raw, self.encoding)
         except messages.ProtocolError as e:
-            self.channel.send(messages.error(str(e)))
+            self.send_error(str(e))
             return
         if isinstance(message, messages.Ping):
             self.channel.send(messages.pong())
@@ -143,15 +149,15 @@ class StreamSession:
         try:
             samples = decode_samples(payload, encoding or self.binary_encoding)
         except AudioError as e:
-            self.channel.send(messages.error(str(e)))
+            self.send_error(str(e), "bad_audio")
             return
         self._audio(messages.Audio(samples))
 
     def message_too_large(self, size=None):
-        self.channel.send(messages.error(
+        self.send_error(
             "message too large: the limit is %d bytes%s"
             % (self.limits.max_message_bytes,
-               "" if size is None else " (got %d)" % (size,))))
+               "" if size is None else " (got %d)" % (size,)), "too_large")
 
     def connection_lost(self):
         self.connected = False
@@ -201,8 +207,15 @@ class StreamSession:
         if self.stream is None or self.stream.finishing:
             return
         if self.connected:
-            self.channel.send(messages.error(why))
+            self.send_error(why, reason.replace("-", "_"))
         self._finish(reason)
+
+    def send_error(self, text, kind=None):
+        """Send the client an error message; kind: what it is about, a fixed
+        word the metrics count it under (None: told from text, the message
+        of a protocol error)."""
+        self.registry.metrics.error_sent(kind, text)
+        self.channel.send(messages.error(text))
 
     # audio
 
@@ -210,9 +223,8 @@ class StreamSession:
         """Whether the stream is finishing; if so, the client is told that
         what it sent was ignored."""
         if self.stream.finishing:
-            self.channel.send(messages.error(
-                "%s after the end of the stream (%s) was ignored"
-                % (what, self.stream.end_reason)))
+            self.send_error("%s after the end of the stream (%s) was ignored"
+                            % (what, self.stream.end_reason), "after_end")
             return True
         return False
 
@@ -221,9 +233,10 @@ class StreamSession:
         if self._ended("config"):
             return
         if stream.received and message.sample_rate not in (None, stream.input_rate):
-            self.channel.send(messages.error(
+            self.send_error(
                 "config: sample_rate can only change before the first audio message "
-                "(the stream is at %d Hz); the config was ignored" % (stream.input_rate,)))
+                "(the stream is at %d Hz); the config was ignored" % (stream.input_rate,),
+                "bad_sample_rate")
             return
         if message.sample_rate is not None:
             stream.set_input_rate(message.sample_rate)
@@ -234,8 +247,16 @@ class StreamSession:
         if self._ended("flush"):
             return
         self.stream.flush()
+        if self.stream.cutter.ready:
+            self._chunk_ready()
         if not self._flushed():
             self.loop.step()
+
+    def _chunk_ready(self):
+        """The stream's next chunk has all its audio (a result's latency
+        counts from when it first had)."""
+        if self.stream.ready_at is None:
+            self.stream.ready_at = self.registry.clock.seconds()
 
     def _flushed(self):
         """Answer the flushes whose audio is all decoded; whether any was."""
@@ -253,29 +274,34 @@ class StreamSession:
             return
         if message.sample_rate is not None and message.sample_rate != stream.input_rate:
             if stream.received:
-                self.channel.send(messages.error(
+                self.send_error(
                     "sample_rate %d differs from the stream's %d Hz: it can only change "
                     "before the first audio message; the audio was ignored"
-                    % (message.sample_rate, stream.input_rate)))
+                    % (message.sample_rate, stream.input_rate), "bad_sample_rate")
                 return
             stream.set_input_rate(message.sample_rate)
         samples = message.samples
         room = int(self.limits.max_stream_seconds * stream.input_rate) - stream.received
         if len(samples) > room:
             stream.push(samples[:max(room, 0)])
-            self.channel.send(messages.error(
+            self.send_error(
                 "stream exceeded --max-stream-seconds=%g: audio after %.2f s was not "
                 "decoded; the stream is being finalized"
-                % (self.limits.max_stream_seconds, stream.audio_seconds)))
+                % (self.limits.max_stream_seconds, stream.audio_seconds),
+                "max_stream_seconds")
             self._finish("max-stream-seconds")
             return
         stream.push(samples)
         if message.final:
             self._finish("final")
             return
-        if stream.cutter.ready and not self.loop.busy:
-            # Start its step now rather than at the loop's next tick.
-            self.loop.step()
+        if stream.cutter.ready:
+            if stream.ready_at is None:
+                # This message completed a chunk.
+                stream.ready_at = self.registry.clock.seconds()
+            if not self.loop.busy:
+                # Start its step now rather than at the loop's next tick.
+                self.loop.step()
         if not self._backlogged and stream.cutter.buffered_samples > self._max_backlog:
             # Sent faster than it is decoded: read no more until it catches up.
             self._backlogged = True
@@ -287,6 +313,7 @@ class StreamSession:
                 self._idle.cancel()
                 self._idle = None
             self.stream.finish(reason)
+            self._chunk_ready()
             self.loop.step()
 
     # decode loop events
@@ -322,5 +349,6 @@ class StreamSession:
 
     def stream_failed(self, stream, reason):
         if self.connected:
-            self.channel.send(messages.error(reason))
+            self.send_error(reason, "shutdown" if stream.end_reason == "drain-timeout"
+                            else "internal")
             self.channel.close()

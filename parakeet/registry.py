@@ -37,6 +37,9 @@ class Stream:
     end_reason = attr.ib(default=None)  #: why it is finishing, once it is
     #: Model-rate samples each pending flush waits for (``decoded_samples``).
     flushes = attr.ib(factory=list, repr=False)
+    #: When the chunk it waits to have decoded had all its audio (clock
+    #: seconds); None while it has no chunk ready.
+    ready_at = attr.ib(default=None, repr=False)
 
     @property
     def finishing(self):
@@ -83,6 +86,35 @@ class Stream:
         self.cutter.finish()
 
 
+class RegistryLoading(Exception):
+    """The model is not loaded yet: no stream can be decoded."""
+
+
+class NoMetrics:
+    """What the registry, the decode loop and the sessions tell
+    ``StreamRegistry.metrics``; this one counts nothing
+    (:class:`parakeet.metrics.ServerMetrics` does)."""
+
+    def opened(self, stream):
+        """stream was opened."""
+
+    def closed(self, stream):
+        """stream was released; its end_reason says how it ended."""
+
+    def refused(self, reason):
+        """A connection was refused a stream, for reason (a fixed word:
+        ``full``, ``draining``, ``loading``, ``unauthorized``, ...)."""
+
+    def error_sent(self, kind, text=None):
+        """An error message was sent to a client; kind: a fixed word, or
+        None to have it told from text."""
+
+    def decoded(self, batch, seconds, audio_seconds, ready, now):
+        """A decode step of batch streams took seconds and decoded
+        audio_seconds of audio; ready: when each chunk's audio was all there,
+        now: when the results were sent."""
+
+
 class StreamRegistry:
     """Streams by id, up to a capacity; ordered so every stream gets its turn."""
 
@@ -97,6 +129,9 @@ class StreamRegistry:
         self._next_id = 1
         self.opened = 0
         self.closed = False
+        #: Told about streams opening, closing and being refused, decode
+        #: steps and errors sent to clients.
+        self.metrics = NoMetrics()
 
     def __len__(self):
         return len(self._streams)
@@ -107,10 +142,24 @@ class StreamRegistry:
     def get(self, stream_id):
         return self._streams.get(stream_id)
 
+    @property
+    def loading(self):
+        """Whether the model is still being loaded (its geometry unknown)."""
+        return self.geometry is None
+
+    @property
+    def free(self):
+        return self.capacity - len(self._streams)
+
     def open(self, peer, transport, listener):
+        if self.geometry is None:
+            self.metrics.refused("loading")
+            raise RegistryLoading()
         if self.closed:
+            self.metrics.refused("draining")
             raise RegistryClosed()
         if len(self._streams) >= self.capacity:
+            self.metrics.refused("full")
             raise RegistryFull()
         stream_id = self._next_id
         self._next_id += 1
@@ -120,6 +169,7 @@ class StreamRegistry:
         stream.set_input_rate(self.input_rate)
         self._streams[stream_id] = stream
         self.opened += 1
+        self.metrics.opened(stream)
         self.log.info("stream {stream_id} opened by {peer} over {transport}",
                       stream_id=stream_id, peer=peer, transport=transport)
         return stream
@@ -127,6 +177,7 @@ class StreamRegistry:
     def release(self, stream):
         if self._streams.pop(stream.id, None) is None:
             return
+        self.metrics.closed(stream)
         self.log.info(
             "stream {stream_id} closed ({reason}) for {peer}: {audio_seconds:.2f} s "
             "of audio in {duration:.2f} s",

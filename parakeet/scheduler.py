@@ -81,7 +81,10 @@ class DecodeLoop(service.Service):
                           "--drain-seconds={seconds}", n=len(left), seconds=seconds)
             while self._in_flight is not None:
                 yield self._in_flight
+            # The step that was in flight may have ended some of them.
+            left = [stream for stream in left if stream in self.registry]
             for stream in left:
+                stream.end_reason = "drain-timeout"
                 self.registry.release(stream)
                 stream.listener.stream_failed(
                     stream, "the server shut down before the stream was decoded to its "
@@ -114,18 +117,28 @@ class DecodeLoop(service.Service):
         streams, chunks = self._collect()
         if not chunks:
             return
+        now = self.reactor.seconds()
+        ready = []
         for stream in streams:
             self.registry.served(stream)
+            ready.append(now if stream.ready_at is None else stream.ready_at)
+            # A next chunk already there (audio sent faster than it is
+            # decoded) counts its wait from now on.
+            stream.ready_at = now if stream.cutter.ready else None
         self.steps += 1
         # Assigned before the callbacks: a synchronous run_step fires at once.
         self._in_flight = self._run_step(self.engine.step, chunks)
         self._in_flight.addCallbacks(self._deliver, self._failed,
-                                     callbackArgs=(streams, chunks), errbackArgs=(streams,))
+                                     callbackArgs=(streams, chunks, now, ready),
+                                     errbackArgs=(streams,))
         self._in_flight.addBoth(self._finished)
 
-    def _deliver(self, results, streams, chunks):
+    def _deliver(self, results, streams, chunks, started, ready):
+        done = self.reactor.seconds()
+        decoded = 0
         for stream, chunk, result in zip(streams, chunks, results):
             stream.text += result.text
+            decoded += chunk.audio_samples - stream.decoded_samples
             stream.decoded_samples = chunk.audio_samples
             if result.is_last:
                 self.registry.release(stream)
@@ -134,12 +147,19 @@ class DecodeLoop(service.Service):
             except Exception:
                 self.log.failure("delivering a result of stream {stream_id} failed",
                                  stream_id=stream.id)
+        try:
+            self.registry.metrics.decoded(
+                len(chunks), done - started, decoded / self.registry.geometry.sample_rate,
+                ready, self.reactor.seconds())
+        except Exception:
+            self.log.failure("counting a decode step failed")
 
     def _failed(self, failure, streams):
         self.log.failure("decoding step failed for streams {stream_ids}", failure,
                          stream_ids=[s.id for s in streams])
         for stream in streams:
-            stream.end_reason = stream.end_reason or "engine error"
+            # However it was ending, it ends with the error.
+            stream.end_reason = "engine error"
             self.registry.release(stream)
             stream.listener.stream_failed(stream, "decoding failed: %s"
                                           % (failure.getErrorMessage(),))

@@ -9,7 +9,7 @@ import threading
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python import usage
+from twisted.python import failure, usage
 
 from . import __version__
 from .models import MODEL_SIZES, PRECISIONS
@@ -75,6 +75,29 @@ def _precision(value):
     return value
 
 
+#: What listens: (its port flag, the name of its listening service).
+LISTENERS = {
+    "tcp": ("port", "TCP clients"),
+    "ws": ("ws-port", "WebSocket clients"),
+    "status": ("status-port", "status checks"),
+    "http": ("http-port", "HTTP"),
+    "agent": ("agent-port", "HAProxy agent checks"),
+}
+
+
+def _listen_flag(kind):
+    return "listen-" + kind
+
+
+def _listen_option(kind):
+    def opt(self, description):
+        self[_listen_flag(kind)].append(description)
+    opt.__doc__ = ("A Twisted endpoint string to listen on for %s instead of "
+                   "--host/--%s (e.g. ssl:PORT:privateKey=KEY:certKey=CERT); "
+                   "repeatable." % (LISTENERS[kind][1], LISTENERS[kind][0]))
+    return opt
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = ("Serve streaming speech recognition to TCP (newline-delimited "
@@ -87,6 +110,10 @@ class Options(usage.Options):
         ("ws-port", None, 8000, "WebSocket port (one JSON object per message); "
          "0 picks a free one.", _port),
         ("status-port", None, None, "One-shot status port, off unless given.", _port),
+        ("http-port", None, None, "HTTP port, off unless given: the browser page at /, "
+         "the stream WebSocket at /ws, /healthz, /readyz and Prometheus /metrics.",
+         _port),
+        ("agent-port", None, None, "HAProxy agent-check port, off unless given.", _port),
         ("model-size", None, "small",
          "Model to serve: small (%s) or large (%s)."
          % (MODEL_SIZES["small"], MODEL_SIZES["large"]), _model_size),
@@ -136,93 +163,128 @@ class Options(usage.Options):
         ("finalize-silence-ms", None, 0, "Finalize a stream after this many ms of "
          "silence following speech (its final result is sent and its slot freed); "
          "0: never, the client decides.", not_negative(int)),
+        ("auth-tokens", None, None, "File of access tokens, one per line (# comments); "
+         "clients must present one to open a stream.  Re-read on SIGHUP.  Off unless "
+         "given."),
+        ("allowed-origins", None, None, "Comma-separated web origins whose pages may "
+         "open WebSockets (e.g. https://app.example.com,http://localhost:8080); other "
+         "Origin headers get HTTP 403 [default: any origin]."),
     ]
     optFlags = [
         ("no-vad", None, "No voice activity detection (results carry last_state null)."),
     ]
 
+    def __init__(self):
+        usage.Options.__init__(self)
+        for kind in LISTENERS:
+            self[_listen_flag(kind)] = []
+
     def postOptions(self):
+        from twisted.internet import endpoints, reactor
+
+        for kind in LISTENERS:
+            for description in self[_listen_flag(kind)]:
+                try:
+                    endpoints.serverFromString(reactor, description)
+                except Exception as e:
+                    raise usage.UsageError("--%s %s: %s" % (_listen_flag(kind), description, e))
         if self["max-batch"] is None:
             self["max-batch"] = self["max-num-streams"]
+        self._check_access()
+
+    def _check_access(self):
+        from .auth import AuthConfigError, parse_origins, read_tokens
+
+        if self["auth-tokens"] is not None:
+            try:
+                read_tokens(self["auth-tokens"])
+            except AuthConfigError as e:
+                raise usage.UsageError("--auth-tokens: %s" % (e,))
+        if self["allowed-origins"] is not None:
+            try:
+                parse_origins(self["allowed-origins"])
+            except ValueError as e:
+                raise usage.UsageError("--allowed-origins: %s" % (e,))
+
+    opt_listen_tcp = _listen_option("tcp")
+    opt_listen_ws = _listen_option("ws")
+    opt_listen_status = _listen_option("status")
+    opt_listen_http = _listen_option("http")
+    opt_listen_agent = _listen_option("agent")
 
     def opt_version(self):
         """Print the version and exit."""
         print("parakeet-server %s" % (__version__,))
         sys.exit(0)
 
+    def endpoints(self, kind):
+        """The endpoint strings to listen on for kind (a key of LISTENERS)."""
+        given = self[_listen_flag(kind)]
+        if given:
+            return list(given)
+        from .transports import tcp_endpoint
 
-def off_main_thread(f, *args, **kwargs):
-    """f(*args, **kwargs) on a thread of its own that ends when f returns.
+        port = self[LISTENERS[kind][0]]
+        return [] if port is None else [tcp_endpoint(self["host"], port)]
+
+
+def in_own_thread(reactor, f, *args, **kwargs):
+    """A Deferred firing with f(*args, **kwargs), run on a thread of its own
+    that ends when f returns.
 
     Loading a model runs torch operators, and the first thread to run one
-    keeps a team of OpenMP workers for as long as it lives.  Loaded on the
-    main thread (which becomes the reactor's), that team would outlive the
-    load and compete with the model thread's own on every step: measured,
-    steps took 50 % longer.  A thread that has ended takes its team with it,
-    and holds nothing across twistd's fork when it daemonizes."""
-    outcome = []
+    keeps a team of OpenMP workers for as long as it lives.  Loaded on a
+    thread that lives on (the reactor's, or a pool's), that team would
+    compete with the model thread's own on every step: measured, steps took
+    50 % longer.  A thread that has ended takes its team with it."""
+    d = defer.Deferred()
 
     def run():
         try:
-            outcome.append((True, f(*args, **kwargs)))
-        except BaseException as e:
-            outcome.append((False, e))
+            result = f(*args, **kwargs)
+        except BaseException:
+            reactor.callFromThread(d.errback, failure.Failure())
+        else:
+            reactor.callFromThread(d.callback, result)
 
-    thread = threading.Thread(target=run, name="parakeet-load")
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
+    threading.Thread(target=run, name="parakeet-load", daemon=True).start()
+    return d
 
 
 def load_engine(config):
-    """The engine for config; exits with one line if the model cannot be had."""
+    """The engine for config (blocking: run it off the reactor thread)."""
     from .engine import Engine
-    from .models import ModelUnavailable, resolve_model
+    from .models import resolve_model
 
-    name = resolve_model(config["model"], config["model-size"])
-    try:
-        return off_main_thread(
-            Engine.load, name, device=config["device"], num_slots=config["max-num-streams"],
-            batch_size=config["max-batch"], chunk_ms=config["chunk-ms"],
-            precision=config["precision"])
-    except (ModelUnavailable, ValueError) as e:
-        sys.stderr.write("parakeet-server: %s\n" % (e,))
-        sys.stderr.flush()
-        raise SystemExit(1)
+    engine = Engine.load(
+        resolve_model(config["model"], config["model-size"]), device=config["device"],
+        num_slots=config["max-num-streams"], batch_size=config["max-batch"],
+        chunk_ms=config["chunk-ms"], precision=config["precision"])
+    engine.warm_up()
+    return engine
 
 
 def makeService(config, reactor=None, engine=None):
+    """The server; engine: a loaded one, else the service loads the model
+    when it starts, answering probes (and refusing streams) meanwhile."""
     if reactor is None:
         from twisted.internet import reactor
+    from .auth import TokenReloader, TokenStore, parse_origins
+    from .health import Health
+    from .metrics import ServerMetrics
     from .protocol import Limits
-    from .turns import TurnSettings
     from .registry import StreamRegistry
-    from .scheduler import DecodeLoop
     from .transports import (
-        Listener, StatusFactory, StreamLineFactory, StreamWebSocketFactory, tcp_endpoint)
+        AgentCheckFactory, Listener, StatusFactory, StreamLineFactory, StreamWebSocketFactory)
+    from .turns import TurnSettings
+    from .web import http_site
 
     log.info("parakeet-server {version} starting: {settings}", version=__version__,
              settings=" ".join("--%s=%s" % (k, config[k]) for k in sorted(config)
                                if k not in ("help", "version")))
-    if engine is None:
-        engine = load_engine(config)
-    log.info("serving {model} on {device} in {precision}: {chunk_ms:.0f} ms chunks, "
-             "{rate} Hz model audio", model=engine.model_name, device=engine.device,
-             precision=engine.precision,
-             chunk_ms=engine.geometry.chunk_seconds * 1000, rate=engine.sample_rate)
-
-    engine.endpointing_ms = config["eou-silence-ms"]
-    if config["no-vad"]:
-        engine.vad = None
-    registry = StreamRegistry(config["max-num-streams"], engine.geometry,
-                              config["sample-rate"], reactor)
-    loop = DecodeLoop(engine, registry, reactor, max_batch=config["max-batch"])
-    loop.setName("decoder")
-    top = ServerService(registry, loop, config["drain-seconds"])
-    loop.setServiceParent(top)
+    # The registry learns the model's geometry once it is loaded; until then
+    # it refuses streams.
+    registry = StreamRegistry(config["max-num-streams"], None, config["sample-rate"], reactor)
     limits = Limits(max_stream_seconds=config["max-stream-seconds"],
                     max_message_bytes=config["max-message-bytes"],
                     idle_timeout=config["idle-timeout"],
@@ -230,34 +292,104 @@ def makeService(config, reactor=None, engine=None):
                     write_timeout=config["write-timeout"],
                     turns=TurnSettings(config["vad-threshold"], config["vad-min-silence-ms"],
                                        config["finalize-silence-ms"]))
-    host = config["host"]
-    Listener(reactor, tcp_endpoint(host, config["port"]),
-             StreamLineFactory(registry, loop, limits, reactor),
-             "TCP clients").setServiceParent(top)
-    Listener(reactor, tcp_endpoint(host, config["ws-port"]),
-             StreamWebSocketFactory(registry, loop, limits, reactor,
-                                    config["ws-ping-interval"]),
-             "WebSocket clients").setServiceParent(top)
-    if config["status-port"] is not None:
-        Listener(reactor, tcp_endpoint(host, config["status-port"]),
-                 StatusFactory(registry), "status checks").setServiceParent(top)
+    health = Health(registry)
+    metrics = ServerMetrics()
+    metrics.attach(registry)
+    tokens = None if config["auth-tokens"] is None else TokenStore(config["auth-tokens"])
+    origins = (None if config["allowed-origins"] is None
+               else parse_origins(config["allowed-origins"]))
+    line_factory = StreamLineFactory(registry, None, limits, reactor, auth=tokens)
+    websocket_factory = StreamWebSocketFactory(registry, None, limits, reactor,
+                                               config["ws-ping-interval"], auth=tokens,
+                                               allowed_origins=origins)
+    top = ServerService(config, reactor, registry, health, metrics,
+                        [line_factory, websocket_factory])
+    if tokens is not None:
+        # SIGHUP re-reads the token file.
+        TokenReloader(tokens, reactor).setServiceParent(top)
+    factories = {
+        "tcp": line_factory,
+        "ws": websocket_factory,
+        "status": StatusFactory(health),
+        "http": http_site(health, websocket_factory, metrics.resource()),
+        "agent": AgentCheckFactory(health),
+    }
+    for kind, factory in factories.items():
+        what = LISTENERS[kind][1]
+        for i, description in enumerate(config.endpoints(kind)):
+            Listener(reactor, description, factory,
+                     what if i == 0 else "%s (%d)" % (what, i + 1)).setServiceParent(top)
+    if engine is not None:
+        top.serve(engine)
     return top
 
 
 class ServerService(service.MultiService):
-    """The server: on stop, it drains its streams before its ports close, so
-    that clients connecting meanwhile are told the server is shutting down."""
+    """The server.
 
-    def __init__(self, registry, loop, drain_seconds):
+    Its listeners start at once; the model is loaded on a thread of its own
+    (unless one was given), and streams are accepted once it is loaded and
+    warm.  On stop, it drains its streams before its ports close, so that
+    clients connecting meanwhile are told the server is shutting down."""
+
+    def __init__(self, config, reactor, registry, health, metrics, factories):
         service.MultiService.__init__(self)
+        self.config = config
+        self.reactor = reactor
         self.registry = registry
-        self.loop = loop
-        self.drain_seconds = drain_seconds
+        self.health = health
+        self.metrics = metrics
+        self.factories = factories
+        self.loop = None
+        self._loading = None
         self._stopping = None
+
+    def serve(self, engine):
+        """Start decoding with engine, a loaded model."""
+        from .scheduler import DecodeLoop
+
+        config = self.config
+        engine.endpointing_ms = config["eou-silence-ms"]
+        if config["no-vad"]:
+            engine.vad = None
+        self.loop = DecodeLoop(engine, self.registry, self.reactor,
+                               max_batch=config["max-batch"])
+        self.loop.setName("decoder")
+        for factory in self.factories:
+            factory.loop = self.loop
+        self.loop.setServiceParent(self)
+        self.metrics.attach(self.registry, self.loop, engine)
+        self.registry.geometry = engine.geometry
+        self.health.loaded = True
+        log.info("ready: serving {model} on {device} in {precision}: {chunk_ms:.0f} ms "
+                 "chunks, {rate} Hz model audio", model=engine.model_name,
+                 device=engine.device, precision=engine.precision,
+                 chunk_ms=engine.geometry.chunk_seconds * 1000, rate=engine.sample_rate)
 
     def startService(self):
         self._stopping = None
         service.MultiService.startService(self)
+        if self.loop is None and self._loading is None:
+            log.info("loading the model")
+            self._loading = in_own_thread(self.reactor, load_engine, self.config)
+            self._loading.addCallbacks(self._loaded, self._load_failed)
+
+    def _loaded(self, engine):
+        if self.running and self._stopping is None:
+            self.serve(engine)
+
+    def _load_failed(self, reason):
+        from .models import ModelUnavailable
+
+        if reason.check(ModelUnavailable, ValueError):
+            message = reason.getErrorMessage()
+        else:
+            log.failure("loading the model failed", reason)
+            message = "loading the model failed: %s" % (reason.getErrorMessage(),)
+        sys.stderr.write("parakeet-server: %s\n" % (message,))
+        sys.stderr.flush()
+        self.reactor._parakeet_exit_code = 1
+        self.reactor.stop()
 
     def stopService(self):
         """Drain, then stop; a second call while stopping waits for the first."""
@@ -267,5 +399,7 @@ class ServerService(service.MultiService):
 
     @defer.inlineCallbacks
     def _stop(self):
-        yield self.loop.drain(self.drain_seconds)
+        self.registry.closed = True
+        if self.loop is not None:
+            yield self.loop.drain(self.config["drain-seconds"])
         yield service.MultiService.stopService(self)

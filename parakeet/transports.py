@@ -4,26 +4,40 @@ WebSocket, and the one-shot status port.  Each turns bytes into complete
 messages for a :class:`~parakeet.protocol.StreamSession`.
 """
 
+import re
+
 from autobahn.twisted.websocket import (
     ConnectionDeny, WebSocketServerFactory, WebSocketServerProtocol)
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, INegotiated, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from . import messages
 from .audio import ENCODINGS, AudioError, check_rate
+from .auth import (
+    AUTH_TIMEOUT_SECONDS, MAX_AUTH_LINE_BYTES, POLICY_VIOLATION, SUBPROTOCOL,
+    TOKEN_SUBPROTOCOL_PREFIX, Refusal, is_auth_message, normalize_origin, origin_allowed,
+    tcp_refusal, token_subprotocols, websocket_refusal)
 from .protocol import Channel, StreamSession
 
 #: Seconds a failed WebSocket connection has to take the server's close
 #: frame before it is aborted.
 CLOSE_FLUSH_SECONDS = 5
 
+#: A token offered as a subprotocol, in text that will be logged.
+_TOKEN_IN_TEXT = re.compile(re.escape(TOKEN_SUBPROTOCOL_PREFIX) + r'[^\s",]+')
+
 #: How far past the message limit a WebSocket message may go before the
 #: connection is failed (close code 1009) instead of the message refused.
 WEBSOCKET_HARD_LIMIT_FACTOR = 4
+
+
+#: Refusals and the like.  (Not a protocol attribute: Autobahn's protocols
+#: log through their own ``log``.)
+_log = Logger()
 
 
 def _peer(address):
@@ -115,14 +129,29 @@ class LineChannel(_Channel):
         self.proto.sendLine(messages.encode(message))
 
     def close(self):
+        # Over TLS a connection with a producer still registered is never
+        # shut down.
+        self.proto.transport.unregisterProducer()
         self.proto.transport.loseConnection()
 
 
+@implementer(IHandshakeListener)
 class StreamLineProtocol(LineReceiver):
-    """One stream per TCP connection; one JSON object per ``\\n``-ended line."""
+    """One stream per TCP connection; one JSON object per ``\\n``-ended line.
+
+    Over TLS the stream starts once the TLS handshake is done.  With
+    authentication on, the first line must be an auth message with a valid
+    token: until then there is no stream, and any other line, a wrong token
+    or silence for too long closes the connection with an error."""
 
     delimiter = b"\n"
     _discarding = False
+    #: While the TLS handshake is under way: the call that gives up on it.
+    _awaiting_tls = None
+    #: While the client has yet to authenticate: the call that gives up on it.
+    _awaiting_auth = None
+    _refused = False
+    _first_line = True
 
     def connectionMade(self):
         channel = LineChannel(self)
@@ -130,7 +159,63 @@ class StreamLineProtocol(LineReceiver):
         # Pausing the LineReceiver, not just the transport, also stops it
         # handing on the lines it has already read.
         channel.flow = FlowControl(self.transport, self.session, reader=self)
+        if INegotiated.providedBy(self.transport):
+            # TLS (the one transport that negotiates): what is written before
+            # the handshake is done waits, and pauses its producer, which
+            # would stop reading the handshake itself.  A client that never
+            # completes it takes no stream.
+            seconds = self.factory.limits.idle_timeout or AUTH_TIMEOUT_SECONDS
+            self._awaiting_tls = self.factory.reactor.callLater(
+                seconds, self._tls_timeout, seconds)
+            return
+        self._start()
+
+    def handshakeCompleted(self):
+        if self._awaiting_tls is not None:
+            self._awaiting_tls.cancel()
+            self._awaiting_tls = None
+            self._start()
+
+    def _tls_timeout(self, seconds):
+        self._awaiting_tls = None
+        _log.info("dropped {peer}: no TLS handshake within {seconds} s",
+                  peer=self.session.channel.peer, seconds=seconds)
+        self.transport.abortConnection()
+
+    def _start(self):
+        if self.factory.auth is None:
+            self.session.connection_made()
+            return
+        # A client that has not authenticated may not make the server hold
+        # much of what it sends.
+        self.MAX_LENGTH = min(self.MAX_LENGTH, MAX_AUTH_LINE_BYTES)
+        seconds = self.factory.limits.idle_timeout or AUTH_TIMEOUT_SECONDS
+        self._awaiting_auth = self.factory.reactor.callLater(
+            seconds, self._auth_timeout, seconds)
+
+    def _authenticate(self, line):
+        self._awaiting_auth.cancel()
+        self._awaiting_auth = None
+        refusal = tcp_refusal(self.factory.auth, line)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self.MAX_LENGTH = self.factory.limits.max_message_bytes
         self.session.connection_made()
+
+    def _auth_timeout(self, seconds):
+        self._awaiting_auth = None
+        self._refuse(Refusal("authentication required: no auth message within %g s"
+                             % (seconds,), "no auth message in time"))
+
+    def _refuse(self, refusal):
+        self._refused = True
+        channel = self.session.channel
+        _log.info("refused {peer} over tcp: {reason}", peer=channel.peer,
+                  reason=refusal.reason)
+        self.factory.registry.metrics.refused("unauthorized")
+        self.session.send_error(refusal.message, "unauthorized")
+        channel.close()
 
     def dataReceived(self, data):
         if self._discarding:
@@ -142,10 +227,28 @@ class StreamLineProtocol(LineReceiver):
         LineReceiver.dataReceived(self, data)
 
     def lineReceived(self, line):
-        if line.strip():
-            self.session.message_received(line)
+        if self._refused or not line.strip():
+            return
+        if self._awaiting_auth is not None:
+            self._authenticate(line)
+            return
+        if self._first_line:
+            self._first_line = False
+            if self.factory.auth is None and is_auth_message(line):
+                # A client with a token, at a server that needs none.
+                return
+        self.session.message_received(line)
 
     def lineLengthExceeded(self, line):
+        if self._refused:
+            return
+        if self._awaiting_auth is not None:
+            self._awaiting_auth.cancel()
+            self._awaiting_auth = None
+            self._refuse(Refusal(
+                "authentication required: the first message must be an auth message "
+                "of at most %d bytes" % (self.MAX_LENGTH,), "no auth message"))
+            return
         # Refuse the line, skip to its end, and carry on with the next one.
         self.session.message_too_large()
         end = line.find(self.delimiter)
@@ -155,15 +258,21 @@ class StreamLineProtocol(LineReceiver):
             self.factory.reactor.callLater(0, self.dataReceived, line[end + 1:])
 
     def connectionLost(self, reason):
+        for call in (self._awaiting_tls, self._awaiting_auth):
+            if call is not None and call.active():
+                call.cancel()
+        self._awaiting_tls = self._awaiting_auth = None
         self.session.connection_lost()
 
 
 class StreamLineFactory(_Sessions, protocol.Factory):
     protocol = StreamLineProtocol
 
-    def __init__(self, registry, loop, limits, reactor):
+    def __init__(self, registry, loop, limits, reactor, auth=None):
+        """auth: the TokenStore clients must present a token of, or None."""
         _Sessions.__init__(self, registry, loop, limits)
         self.reactor = reactor
+        self.auth = auth
 
     def buildProtocol(self, addr):
         proto = protocol.Factory.buildProtocol(self, addr)
@@ -187,12 +296,22 @@ class WebSocketChannel(_Channel):
 
 
 class StreamWebSocketProtocol(WebSocketServerProtocol):
-    """One stream per WebSocket connection; one JSON object per message."""
+    """One stream per WebSocket connection; one JSON object per message.
+
+    A handshake from a web origin not allowed is refused (HTTP 403).  With
+    authentication on, a handshake without a valid token still completes, so
+    that a browser can read why: the client gets an error message and the
+    close code 1008 (policy violation), and no stream is opened."""
 
     session = None
     _abort_later = None
+    #: Why the client may not open a stream, if it may not.
+    _refusal = None
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
+        # Autobahn logs the reason: a token offered as a subprotocol (say,
+        # twice) must not get there.
+        reason = _TOKEN_IN_TEXT.sub(TOKEN_SUBPROTOCOL_PREFIX + "...", reason)
         # Autobahn sends its handshake errors with no header fields; two
         # status codes must carry one (RFC 9110 sections 15.5.6 and 15.5.22).
         headers = list(responseHeaders or [])
@@ -206,7 +325,9 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
         # Where Autobahn fails a connection over a bad close frame it queues
         # its own close frame and then aborts, which throws the frame away.
         # Close gracefully, so what was queued is written, and abort only if
-        # the client does not take it in time.
+        # the client does not take it in time.  (Over TLS a connection with a
+        # producer still registered is never shut down.)
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         if abort and self._abort_later is None:
             self._abort_later = self.factory.reactor.callLater(
@@ -214,6 +335,22 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         self._peer_text = _peer(self.transport.getPeer())
+        factory = self.factory
+        if not origin_allowed(factory.allowed_origins, request.origin):
+            _log.info("refused {peer} over websocket: origin {origin!r} not allowed "
+                      "(--allowed-origins)", peer=self._peer_text,
+                      origin=request.origin[:200])
+            factory.registry.metrics.refused("origin")
+            raise ConnectionDeny(403, "origin not allowed")
+        # Browsers fail a connection that offered subprotocols if the server
+        # selects none of them; a token must never be the one selected.
+        protocol = SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
+        if protocol is None and token_subprotocols(request.protocols):
+            raise ConnectionDeny(400, "a token subprotocol must be offered together "
+                                      "with the subprotocol '%s'" % (SUBPROTOCOL,))
+        if factory.auth is not None:
+            self._refusal = websocket_refusal(factory.auth, request.headers,
+                                              request.params, request.protocols)
         # The URL may say how the client's audio comes (browsers capture at
         # their own rate, and binary messages carry no JSON to say it in).
         self.encoding = request.params.get("encoding", [None])[-1]
@@ -228,8 +365,22 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
                     int(rate) if rate.isascii() and rate.isdigit() and len(rate) < 7 else rate)
             except AudioError as e:
                 raise ConnectionDeny(400, "%s in the URL" % (e,))
+        return protocol
 
     def onOpen(self):
+        if self._refusal is not None:
+            _log.info("refused {peer} over websocket: {reason}", peer=self._peer_text,
+                      reason=self._refusal.reason)
+            metrics = self.factory.registry.metrics
+            metrics.refused("unauthorized")
+            metrics.error_sent("unauthorized")
+            self.sendMessage(messages.encode(messages.error(self._refusal.message)),
+                             isBinary=False)
+            # sendClose() takes only 1000 and 3000-4999; 1008 is the
+            # protocol's own code for a policy violation (RFC 6455 7.4.1).
+            self.sendCloseFrame(code=POLICY_VIOLATION,
+                                reasonUtf8=self._refusal.reason.encode("utf-8"))
+            return
         channel = WebSocketChannel(self, self._peer_text)
         self.session = self.factory.session(channel, "websocket")
         channel.flow = FlowControl(self.transport, self.session)
@@ -260,10 +411,18 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
 class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
     protocol = StreamWebSocketProtocol
 
-    def __init__(self, registry, loop, limits, reactor, ping_interval=20.0):
+    def __init__(self, registry, loop, limits, reactor, ping_interval=20.0, auth=None,
+                 allowed_origins=None):
+        """auth: the TokenStore clients must present a token of, or None;
+        allowed_origins: the web origins (``scheme://host[:port]``) whose pages
+        may connect, or None for any.  A handshake with no Origin header (not
+        from a browser) is never refused for its origin."""
         _Sessions.__init__(self, registry, loop, limits)
         WebSocketServerFactory.__init__(self)
         self.reactor = reactor
+        self.auth = auth
+        self.allowed_origins = None if allowed_origins is None else frozenset(
+            normalize_origin(o) for o in allowed_origins)
         hard = limits.max_message_bytes * WEBSOCKET_HARD_LIMIT_FACTOR
         # Text that is not UTF-8 gets an error message like any other bad
         # input instead of failing the connection.  A connection that must
@@ -280,26 +439,46 @@ class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
                                 # A plain HTTP request gets an error status, not
                                 # Autobahn's status page.
                                 webStatus=False,
+                                # Origins are checked in onConnect (any, unless
+                                # allowed_origins); Autobahn would refuse the
+                                # "null" origin of file:// pages on its own.
+                                allowNullOrigin=True,
                                 autoPingInterval=ping_interval,
                                 autoPingTimeout=ping_interval)
 
 
-# Status
+# Status and load balancer checks
 
-class StatusProtocol(protocol.Protocol):
-    """Writes one status line and closes."""
+class _OneLineProtocol(protocol.Protocol):
+    """Writes one line and closes."""
 
     def connectionMade(self):
-        status = messages.status(len(self.factory.registry))
-        self.transport.write(messages.encode(status) + b"\n")
+        self.transport.write(self.factory.line())
         self.transport.loseConnection()
 
 
 class StatusFactory(protocol.Factory):
-    protocol = StatusProtocol
+    """The status port: the guide's JSON line (with the state and capacity)."""
 
-    def __init__(self, registry):
-        self.registry = registry
+    protocol = _OneLineProtocol
+
+    def __init__(self, health):
+        self.health = health
+
+    def line(self):
+        return messages.encode(self.health.status()) + b"\n"
+
+
+class AgentCheckFactory(protocol.Factory):
+    """HAProxy's agent-check: one line of ``ready``/``drain``/``down`` words."""
+
+    protocol = _OneLineProtocol
+
+    def __init__(self, health):
+        self.health = health
+
+    def line(self):
+        return self.health.agent_reply().encode("ascii")
 
 
 # Listening

@@ -306,7 +306,8 @@ class StreamTestsMixin(ServerTestMixin):
                                    "message": "No free streaming state available."})
         yield third.closed
         status = yield self.status()
-        self.assertEqual(status, {"type": "status", "connected_streams": 2})
+        self.assertEqual(status, {"type": "status", "connected_streams": 2,
+                                  "max_streams": 2, "state": "full"})
         # A finished stream's state is free for the next client.
         yield self.stream(first, speechlike(19, 0.5))
         yield wait_for(lambda: len(self.server.registry) == 1)
@@ -352,7 +353,8 @@ class StreamTestsMixin(ServerTestMixin):
     @defer.inlineCallbacks
     def test_status_port(self):
         self.start_server()
-        self.assertEqual((yield self.status()), {"type": "status", "connected_streams": 0})
+        self.assertEqual((yield self.status()), {"type": "status", "connected_streams": 0,
+                                                 "max_streams": 100, "state": "ready"})
         a = yield self.connect()
         b = yield self.connect()
         yield a.next()

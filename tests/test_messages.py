@@ -101,7 +101,9 @@ class BuildTests(unittest.TestCase):
     def test_others(self):
         self.assertEqual(messages.hello(3, 16000),
                          {"type": "hello", "stream_id": 3, "sample_rate": 16000})
-        self.assertEqual(messages.status(2), {"type": "status", "connected_streams": 2})
+        self.assertEqual(messages.status(2, 8, "ready"),
+                         {"type": "status", "connected_streams": 2, "max_streams": 8,
+                          "state": "ready"})
         self.assertEqual(messages.error("x"), {"type": "error", "message": "x"})
         self.assertEqual(messages.pong(), {"type": "pong"})
         self.assertEqual(messages.encode({"type": "pong"}), b'{"type":"pong"}')

@@ -149,6 +149,7 @@ class LoadingThreadTests(unittest.TestCase):
     """The model is loaded on a thread of its own that has ended by the time
     the server runs, so that its torch worker threads end with it."""
 
+    @defer.inlineCallbacks
     def test_result_and_thread(self):
         import threading
 
@@ -158,16 +159,18 @@ class LoadingThreadTests(unittest.TestCase):
             seen.append(threading.current_thread())
             return a + b
 
-        self.assertEqual(tap.off_main_thread(load, 2, b=3), 5)
+        self.assertEqual((yield tap.in_own_thread(reactor, load, 2, b=3)), 5)
         self.assertIsNot(seen[0], threading.main_thread())
+        seen[0].join(5)
         self.assertFalse(seen[0].is_alive())
 
+    @defer.inlineCallbacks
     def test_errors_reach_the_caller(self):
         def load():
             raise ModelUnavailable("no such model")
 
         with self.assertRaises(ModelUnavailable) as e:
-            tap.off_main_thread(load)
+            yield tap.in_own_thread(reactor, load)
         self.assertEqual(str(e.exception), "no such model")
 
 
@@ -241,6 +244,7 @@ class CommandTests(unittest.TestCase):
             match = yield proc.wait_for_output(
                 b"listening for " + what.encode() + rb" on 127\.0\.0\.1:(\d+)")
             ports[what] = int(match.group(1))
+        yield proc.wait_for_output(rb"ready: serving ")
         startup = reactor.seconds() - started
         audio = speechlike(50, 1.5)
         expected, _ = offline_tokens(shared_tiny_engine(), quantized(audio))
