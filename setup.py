@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=["parakeet", "twisted.plugins"],
     package_data={"twisted": ["plugins/parakeet_plugin.py"],
-                  "parakeet": ["data/*.nemo", "data/*.wav"]},
+                  "parakeet": ["data/*.nemo", "data/*.wav", "static/*"]},
     install_requires=[
         # TLS listeners (ssl: endpoints) and clients: pyOpenSSL, service_identity.
         "twisted[tls]>=24.7",

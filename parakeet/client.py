@@ -34,6 +34,11 @@ class StreamClient:
         #: reason the server sent (None if it sent none).
         self.close_code = self.close_reason = None
 
+    @property
+    def transport(self):
+        """The connection's transport (to register a producer with, say)."""
+        return self._proto.transport
+
     # sending
 
     def send(self, message):

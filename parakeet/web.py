@@ -47,6 +47,14 @@ class _StreamWebSocketResource(WebSocketResource):
         return WebSocketResource.render(self, request)
 
 
+class _Site(server.Site):
+    """No access log: probes and scrapes come every few seconds, and streams
+    are logged by the registry."""
+
+    def log(self, request):
+        pass
+
+
 def http_site(health, websocket_factory, metrics_resource=None):
     """The HTTP port's site."""
     root = static.File(STATIC_DIR)
@@ -55,6 +63,6 @@ def http_site(health, websocket_factory, metrics_resource=None):
     root.putChild(b"ws", _StreamWebSocketResource(websocket_factory))
     if metrics_resource is not None:
         root.putChild(b"metrics", metrics_resource)
-    site = server.Site(root)
+    site = _Site(root)
     site.displayTracebacks = False
     return site
