@@ -286,7 +286,8 @@ class AudioSource:
 
 
 def read_audio_file(path):
-    """A WAV or FLAC file as an AudioSource; several channels are averaged."""
+    """An audio file (WAV, FLAC, MP3, ...: what libsndfile reads) as an
+    AudioSource; several channels are averaged."""
     import numpy as np
 
     try:

@@ -15,8 +15,8 @@ class Options(usage.Options):
         ("serve", None, tap.Options, "Run the streaming speech recognition server."),
         ("bench", None, bench.Options, "Load a running server with real-time streams "
          "and report latency."),
-        ("transcribe", None, transcribe.Options, "Stream an audio file to a running "
-         "server and print the transcript."),
+        ("transcribe", None, transcribe.Options, "Stream audio files to a running "
+         "server and print their utterances."),
     ]
 
     def opt_version(self):

@@ -143,11 +143,6 @@ class StreamRegistry:
         return self._streams.get(stream_id)
 
     @property
-    def loading(self):
-        """Whether the model is still being loaded (its geometry unknown)."""
-        return self.geometry is None
-
-    @property
     def free(self):
         return self.capacity - len(self._streams)
 
