@@ -149,11 +149,12 @@ class _Live:
     def collect(self):
         m = self.metrics
         registry, engine, loop = m.registry, m.engine, m.loop
-        active = capacity = 0
+        active = capacity = free = 0
         backlog = 0.0
         draining = False
         if registry is not None:
             active, capacity, draining = len(registry), registry.capacity, registry.closed
+            free = max(0, registry.free)
             geometry = registry.geometry
             if geometry is not None and active:
                 backlog = sum(s.cutter.buffered_samples
@@ -162,8 +163,7 @@ class _Live:
         yield GaugeMetricFamily("parakeet_streams_capacity",
                                 "Most concurrent streams (--max-num-streams).", capacity)
         yield GaugeMetricFamily("parakeet_streams_free",
-                                "Streams that could be opened now.",
-                                max(0, capacity - active))
+                                "Streams that could be opened now.", free)
         yield GaugeMetricFamily(
             "parakeet_audio_backlog_seconds",
             "Audio received from open streams but not yet decoded, in seconds, "

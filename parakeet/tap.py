@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import failure, usage
 
 from . import __version__
+from .audio import MAX_RATE, MIN_RATE
 from .models import MODEL_SIZES, PRECISIONS
 
 log = Logger()
@@ -51,8 +52,8 @@ def _ping_interval(value):
 
 def _sample_rate(value):
     rate = int(value)
-    if not 8000 <= rate <= 48000:
-        raise ValueError("the sample rate must be between 8000 and 48000 Hz")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise ValueError("the sample rate must be between %d and %d Hz" % (MIN_RATE, MAX_RATE))
     return rate
 
 

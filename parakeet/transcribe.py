@@ -18,14 +18,13 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python import usage
 from zope.interface import implementer
 
+from .audio import MAX_RATE, MIN_RATE
 from .models import DEMO_SAMPLE
 
 #: Audio per message, in seconds.
 PIECE_SECONDS = 0.1
 #: Files at least this long get a progress bar (on a terminal).
 LONG_FILE_SECONDS = 10.0
-#: Client sample rates the server converts from (parakeet.audio's range).
-MIN_RATE, MAX_RATE = 8000, 48000
 
 #: Exit statuses: a file could not be read; the server or the connection
 #: failed; interrupted.

@@ -35,22 +35,29 @@ def wait_for(predicate, timeout=30.0, interval=0.01):
     return poll()
 
 
-def read_status(port):
-    """The one line the status port writes."""
+def read_line(port):
+    """What a loopback port writes before it closes the connection."""
     from twisted.internet import endpoints, protocol
 
     done = defer.Deferred()
 
     class Reader(protocol.Protocol):
+        data = b""
+
         def dataReceived(self, data):
-            self.data = getattr(self, "data", b"") + data
+            self.data += data
 
         def connectionLost(self, reason):
-            done.callback(getattr(self, "data", b""))
+            done.callback(self.data)
 
     endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     endpoints.connectProtocol(endpoint, Reader())
-    return done.addCallback(lambda data: json.loads(data.decode()))
+    return done
+
+
+def read_status(port):
+    """The one line the status port writes."""
+    return read_line(port).addCallback(lambda data: json.loads(data.decode()))
 
 
 class ServerTestMixin:

@@ -29,7 +29,7 @@ from parakeet import client as clients
 from parakeet import tap
 
 from .helpers import offline_tokens, quantized, shared_tiny_engine, speechlike, tiny_model_path
-from .test_end_to_end import read_status, wait_for
+from .test_end_to_end import read_line, read_status, wait_for
 from .test_tap import BIN, ROOT, spawn
 
 #: Debian installs it in /usr/sbin, which a user's PATH may lack.
@@ -150,20 +150,6 @@ def server_stats(socket_path, backend="parakeet"):
     text = admin(socket_path, "show stat").lstrip("# ")
     return {row["svname"]: row for row in csv.DictReader(io.StringIO(text))
             if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")}
-
-
-def read_line(port):
-    """What a port writes before it closes the connection."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                return data.decode()
-            data += chunk
-    finally:
-        s.close()
 
 
 class ConfigTests(unittest.TestCase):
@@ -389,7 +375,9 @@ class ScaleOutTests(unittest.TestCase):
             return all(d["name"] in seen or self.ready(d) for d in self.daemons)
 
         yield self.wait_for_haproxy(loading_or_ready)
-        replies = [read_line(d["agent"]) for d in self.daemons]
+        replies = []
+        for daemon in self.daemons:
+            replies.append((yield read_line(daemon["agent"])).decode())
         for reply in replies:
             self.assertIn(reply, ("down #loading the model\n",
                                   "up ready 100%% maxconn:%d\n" % (SLOTS,)))
@@ -422,7 +410,7 @@ class ScaleOutTests(unittest.TestCase):
         direct, replies = [], []
         for _ in range(SLOTS):
             direct += yield self.open_streams(1, "tcp://127.0.0.1:%d" % (first["tcp"],))
-            replies.append(read_line(first["agent"]))
+            replies.append((yield read_line(first["agent"])).decode())
         self.assertEqual(replies, ["up ready %d%% maxconn:%d\n" % (100 * (SLOTS - n) // SLOTS,
                                                                    SLOTS)
                                    for n in range(1, SLOTS + 1)])
@@ -463,7 +451,7 @@ class ScaleOutTests(unittest.TestCase):
         yield self.wait_for_haproxy(
             lambda stats: stats[first["name"]]["status"].startswith("DRAIN"))
         row = self.stats()[first["name"]]
-        reply = read_line(first["agent"])
+        reply = (yield read_line(first["agent"])).decode()
         self.assertEqual(reply, "drain #shutting down\n")
         status = yield read_status(first["status"])
         self.assertEqual(status["state"], "draining")

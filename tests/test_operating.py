@@ -8,8 +8,7 @@ stream WebSocket on the HTTP port.
 import json
 import threading
 
-from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial import unittest
@@ -20,25 +19,8 @@ from parakeet import health, tap
 from parakeet.registry import StreamRegistry
 
 from .helpers import GEOMETRY, shared_tiny_engine, speechlike
-from .test_end_to_end import ServerTestMixin, wait_for
-
-
-def read_line(port):
-    """What a port writes before it closes the connection."""
-    done = defer.Deferred()
-
-    class Reader(protocol.Protocol):
-        data = b""
-
-        def dataReceived(self, data):
-            self.data += data
-
-        def connectionLost(self, reason):
-            done.callback(self.data)
-
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    endpoints.connectProtocol(endpoint, Reader())
-    return done
+from .test_end_to_end import ServerTestMixin, read_line, wait_for
+from .test_metrics import Scraped, parse
 
 
 @defer.inlineCallbacks
@@ -193,13 +175,10 @@ class OperatingTests(ServerTestMixin, unittest.TestCase):
         yield client.final()
         code, body = yield http_get(self.http, "/metrics")
         self.assertEqual(code, 200)
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(body.decode())
-                   for s in family.samples}
-        self.assertEqual(samples[("parakeet_streams_opened_total",
-                                  (("transport", "tcp"),))], 1)
-        self.assertEqual(samples[("parakeet_streams_capacity", ())], 2)
-        self.assertGreaterEqual(samples[("parakeet_decoded_audio_seconds_total", ())], 0.9)
+        m = Scraped(parse(body.decode()))
+        self.assertEqual(m("parakeet_streams_opened_total", transport="tcp"), 1)
+        self.assertEqual(m("parakeet_streams_capacity"), 2)
+        self.assertGreaterEqual(m("parakeet_decoded_audio_seconds_total"), 0.9)
         yield client.closed
 
     @defer.inlineCallbacks
