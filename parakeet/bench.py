@@ -7,8 +7,9 @@ opens N concurrent streams, sends each of them real audio paced in real time
 (``--chunk-ms`` of audio per message, on an absolute schedule), and reports
 how late the server's results come back, how many streams kept up, and, with
 ``--server-pid``, the server's CPU and memory.  ``--find-max`` searches for
-the most streams the server keeps up with; ``--ceiling-model`` times the
-same model in-process (:mod:`parakeet.ceiling`) for comparison.
+the most streams the server keeps up with; ``--ceiling-model`` runs the
+same model in-process (:mod:`parakeet.ceiling`) for comparison: in lockstep,
+and paced as the server decodes, with no sockets and no reactor.
 
 Latency is measured with the ``audio_ms`` every result carries: the audio,
 from the stream's first sample, that the server needed for the result.  A
@@ -809,7 +810,11 @@ class Ceiling:
     """The served model driven in-process by :mod:`parakeet.ceiling`: what
     the engine can do with no sockets and no reactor."""
 
-    def __init__(self, path, device, seconds, threads=None, precision=None):
+    def __init__(self, path, device, seconds, threads=None, precision=None,
+                 p95_ms=320.0, keep_up_ms=1000.0, message_ms=100):
+        self.p95_ms = p95_ms
+        self.keep_up_ms = keep_up_ms
+        self.message_ms = message_ms
         self.path = path
         self.device = device
         self.precision = precision
@@ -820,7 +825,9 @@ class Ceiling:
         self._next_id = 1
 
     def measure(self, n):
-        """Step times of n streams decoded together, and whether they fit a chunk."""
+        """n streams decoded in lockstep (step times, and whether a step fits
+        in a chunk), then paced as the server decodes them (latencies, and
+        whether they pass as the bench's probes do)."""
         from . import ceiling
 
         if self.threads:
@@ -835,12 +842,19 @@ class Ceiling:
         times = ceiling.measure(self.engine, n, self.seconds, self._next_id)
         self._next_id += n
         chunk = self.engine.geometry.chunk_seconds
-        if not times:
-            return {"streams": n, "steps": 0, "step_p50_ms": None, "step_p95_ms": None,
-                    "chunk_ms": _ms(chunk), "fits": False}
-        p50, p95 = ceiling.step_percentiles(times)
-        return {"streams": n, "steps": len(times), "step_p50_ms": _ms(p50),
-                "step_p95_ms": _ms(p95), "chunk_ms": _ms(chunk), "fits": p95 < chunk}
+        result = {"streams": n, "steps": 0, "step_p50_ms": None, "step_p95_ms": None,
+                  "chunk_ms": _ms(chunk), "fits": False}
+        if times:
+            p50, p95 = ceiling.step_percentiles(times)
+            result.update(steps=len(times), step_p50_ms=_ms(p50), step_p95_ms=_ms(p95),
+                          fits=p95 < chunk)
+        paced = ceiling.measure_paced(self.engine, n, self.seconds, self._next_id,
+                                      message_ms=self.message_ms)
+        self._next_id += n
+        result["paced"] = ceiling.paced_summary(*paced, bound=self.p95_ms / 1000.0,
+                                                keep_up=self.keep_up_ms / 1000.0)
+        result["passed"] = result["paced"]["passes"]
+        return result
 
     def close(self):
         self.engine = None
@@ -936,12 +950,18 @@ def summary_line(run, transport):
     return line
 
 
-def ceiling_line(result):
-    return ("ceiling N=%d: step p50 %s ms, p95 %s ms over %d steps; chunk %s ms: %s" % (
-        result["streams"], _fmt_ms(result["step_p50_ms"]), _fmt_ms(result["step_p95_ms"]),
-        result["steps"], _fmt_ms(result["chunk_ms"]),
-        "a step of N streams fits in one chunk" if result["fits"]
-        else "a step of N streams does NOT fit in one chunk"))
+def ceiling_lines(result):
+    paced = result["paced"]
+    return [
+        "ceiling N=%d lockstep: step p50 %s ms, p95 %s ms over %d steps; chunk %s ms: %s" % (
+            result["streams"], _fmt_ms(result["step_p50_ms"]), _fmt_ms(result["step_p95_ms"]),
+            result["steps"], _fmt_ms(result["chunk_ms"]),
+            "a step of N streams fits in one chunk" if result["fits"]
+            else "a step of N streams does NOT fit in one chunk"),
+        "ceiling N=%d paced: latency p50 %s ms, p95 %s ms, max %s ms; ttf p50 %s ms: %s" % (
+            result["streams"], _fmt_ms(paced["latency_p50_ms"]),
+            _fmt_ms(paced["latency_p95_ms"]), _fmt_ms(paced["latency_max_ms"]),
+            _fmt_ms(paced["ttf_p50_ms"]), "pass" if result["passed"] else "fail")]
 
 
 # the whole bench
@@ -1070,7 +1090,8 @@ def _ceiling(reactor, options, say):
 
     ceiling = Ceiling(options["ceiling-model"], options["ceiling-device"],
                       options["ceiling-seconds"], options["ceiling-threads"],
-                      options["ceiling-precision"])
+                      options["ceiling-precision"], options["p95-ms"], options["keep-up-ms"],
+                      options["chunk-ms"])
     pool = ThreadPool(1, 1, "bench-ceiling")
     pool.start()
     section = {"model": options["ceiling-model"], "device": options["ceiling-device"],
@@ -1088,16 +1109,21 @@ def _ceiling(reactor, options, say):
     def probe(n):
         result = yield deferToThreadPool(reactor, pool, ceiling.measure, n)
         section["probes"].append(result)
-        say(ceiling_line(result))
-        return result["fits"]
+        for line in ceiling_lines(result):
+            say(line)
+        return result["passed"]
 
     try:
         if options["find-max"]:
             best, _ = yield find_max(probe, options["streams"], options["max-streams"])
             section["max_streams"] = best
-            say("ceiling max N=%d (largest N whose p95 step time is under one chunk%s)"
-                % (best, ", the --max-streams limit"
-                   if best == options["max-streams"] else ""))
+            section["lockstep_max_streams"] = max(
+                [p["streams"] for p in section["probes"] if p["fits"]], default=0)
+            say("ceiling max N=%d (paced in-process: every result within --keep-up-ms, "
+                "p95 latency <= --p95-ms%s); lockstep: the largest N probed whose p95 "
+                "step fits in one chunk was %d"
+                % (best, ", the --max-streams limit" if best == options["max-streams"] else "",
+                   section["lockstep_max_streams"]))
         else:
             yield probe(options["streams"])
         yield deferToThreadPool(reactor, pool, ceiling.close)

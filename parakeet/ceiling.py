@@ -21,6 +21,8 @@ from twisted.python import usage
 class Options(usage.Options):
     optFlags = [
         ("no-fast-encoder", None, "Run NeMo's own streaming encoder step."),
+        ("paced", None, "Also decode the streams as the server does: audio in real "
+         "time, starts staggered, each step taking whatever is ready."),
     ]
     optParameters = [
         ("arch", None, "small", "Replica architecture: small, large or tiny."),
@@ -68,6 +70,83 @@ def measure(engine, n_streams, seconds, first_id):
             times.append(time.perf_counter() - started)
 
 
+def measure_paced(engine, n_streams, seconds, first_id, stagger=None, message_ms=100,
+                  clock=time.perf_counter, sleep=time.sleep):
+    """n_streams decoded as the server decodes them, with no sockets and no
+    reactor: each stream's audio arrives in real time in message_ms pieces,
+    the streams' starts spread evenly over stagger seconds (default: as
+    ``parakeet-server bench``), and whenever the engine is idle it steps the
+    next chunk of every stream that has one.
+
+    Returns (latencies, times_to_final) in seconds: a result's latency is
+    the end of its step minus the arrival of the piece that completed its
+    chunk, as the bench measures it over a socket; time to final is from the
+    arrival of a stream's last piece to the end of the step of its last
+    chunk.
+    """
+    from .frontend import ChunkCutter
+    from .replica import calibration_audio
+
+    if stagger is None:
+        stagger = min(seconds / 4, 5.0)
+    piece = int(engine.sample_rate * message_ms / 1000)
+    streams = []
+    for i in range(n_streams):
+        audio = calibration_audio(i, seconds)
+        streams.append({
+            "cutter": ChunkCutter(first_id + i, engine.geometry),
+            "pieces": [audio[k:k + piece] for k in range(0, len(audio), piece)],
+            "start": stagger * i / n_streams, "sent": 0, "arrived": [], "served": 0})
+    latencies, finals = [], []
+    started = clock()
+    step_number = 0
+    while any(not s["cutter"].done for s in streams):
+        now = clock() - started
+        next_arrival = None
+        for s in streams:
+            pieces = s["pieces"]
+            while s["sent"] < len(pieces):
+                due = s["start"] + (s["sent"] + 1) * message_ms / 1000.0
+                if due > now:
+                    next_arrival = due if next_arrival is None else min(next_arrival, due)
+                    break
+                s["cutter"].push(pieces[s["sent"]])
+                s["sent"] += 1
+                s["arrived"].append((s["cutter"].received, due))
+                if s["sent"] == len(pieces):
+                    s["cutter"].finish()
+        ready = sorted((s for s in streams if s["cutter"].ready), key=lambda s: s["served"])
+        if not ready:
+            if next_arrival is None:
+                raise RuntimeError("streams left undecoded with no audio to come")
+            sleep(max(0.0, next_arrival - (clock() - started)))
+            continue
+        step_number += 1
+        chunks = []
+        for s in ready:
+            s["served"] = step_number
+            chunks.append(s["cutter"].next_chunk())
+        engine.step(chunks)
+        done = clock() - started
+        for s, chunk in zip(ready, chunks):
+            arrived = next(at for received, at in s["arrived"] if received >= chunk.audio_samples)
+            (finals if chunk.is_last else latencies).append(done - arrived)
+    return latencies, finals
+
+
+def paced_summary(latencies, finals, bound=0.320, keep_up=1.0):
+    """What the bench reports of a run, from :func:`measure_paced`'s result
+    (seconds in, ms out): whether every result kept up (within keep_up) and
+    p95 latency stayed within bound."""
+    everything = latencies + finals
+    p50, p95 = step_percentiles(latencies) if latencies else (None, None)
+    return {"latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "latency_p95_ms": None if p95 is None else round(p95 * 1000, 1),
+            "latency_max_ms": round(max(everything) * 1000, 1) if everything else None,
+            "ttf_p50_ms": round(statistics.median(finals) * 1000, 1) if finals else None,
+            "passes": bool(latencies) and max(everything) <= keep_up and p95 <= bound}
+
+
 def step_percentiles(times):
     """(p50, p95) of step wall times, as the table reports them."""
     return statistics.median(times), sorted(times)[int(0.95 * (len(times) - 1))]
@@ -108,6 +187,13 @@ def main(argv=None):
         print("%8d %12.1f %12.1f %10.3f %14s"
               % (n, p50 * 1000, p95 * 1000, rtf, "yes" if p95 < chunk else "no"),
               flush=True)
+        if options["paced"]:
+            paced = paced_summary(*measure_paced(engine, n, options["seconds"], first_id))
+            first_id += n
+            print("%8s paced: latency p50 %s ms, p95 %s ms, max %s ms; time to final p50 "
+                  "%s ms: %s" % ("", paced["latency_p50_ms"], paced["latency_p95_ms"],
+                                 paced["latency_max_ms"], paced["ttf_p50_ms"],
+                                 "passes" if paced["passes"] else "fails"), flush=True)
 
 
 if __name__ == "__main__":

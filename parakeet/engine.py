@@ -125,6 +125,8 @@ class Engine:
             raise ValueError("unknown precision %r (use %s)" % (precision, ", ".join(PRECISIONS)))
         if precision == "int8" and kind != "cpu":
             raise ValueError("precision int8 is for the CPU; use bfloat16 on CUDA")
+        if precision == "float16" and kind != "cuda":
+            raise ValueError("precision float16 is for CUDA; use bfloat16 or float32 on the CPU")
         cfg = pipeline_config(
             model_name, device=kind, device_id=index,
             compute_dtype="float32" if precision == "int8" else precision,
@@ -161,7 +163,8 @@ class Engine:
         with torch.inference_mode():
             feats, feat_len = self.pipeline.preprocessor(
                 input_signal=signal, length=torch.tensor([signal.shape[1]], device=self.device))
-            encoded, encoded_len = model.encoder(audio_signal=feats, length=feat_len)
+            encoded, encoded_len = model.encoder(
+                audio_signal=feats.to(self.pipeline.asr_model.cast_dtype), length=feat_len)
             hyp = model.decoding.rnnt_decoder_predictions_tensor(
                 encoded, encoded_len, return_hypotheses=True)[0]
         return (hyp.y_sequence.tolist(), [int(t) for t in torch.as_tensor(hyp.timestamp).tolist()],

@@ -120,6 +120,47 @@ class DemoModelTests(unittest.TestCase):
                              delays)
 
 
+class BFloat16Tests(unittest.TestCase):
+    """``--precision bfloat16`` on the CPU: the model really runs in bfloat16
+    (NeMo's wrapper would run it in float32), and recognises as float32 does."""
+
+    def setUp(self):
+        if "bfloat16" not in _demo:
+            from parakeet.engine import Engine
+
+            _demo["bfloat16"] = Engine.load(resolve_model("demo"), device="cpu", num_slots=8,
+                                            batch_size=8, precision="bfloat16")
+        self.engine = _demo["bfloat16"]
+        self.clips = heldout_clips()
+
+    def tearDown(self):
+        assert_engine_idle(self, self.engine)
+
+    def test_runs_in_bfloat16(self):
+        import torch
+
+        pipeline = self.engine.pipeline
+        self.assertEqual(self.engine.precision, "bfloat16")
+        for module in (pipeline.asr_model.asr_model.encoder, pipeline.asr_model.asr_model.decoder,
+                       pipeline.asr_model.asr_model.joint):
+            self.assertEqual({p.dtype for p in module.parameters()}, {torch.bfloat16})
+        self.assertEqual(pipeline.context_manager.cache_last_channel.dtype, torch.bfloat16)
+
+    def test_streaming_matches_offline_and_float32(self):
+        pairs = []
+        for i, (audio, text, _) in enumerate(self.clips):
+            expected, _ = offline_tokens(self.engine, audio)
+            got = tokens_of(stream_alone(self.engine, audio, 1 + i, piece=1600))
+            self.assertEqual(got, expected, text)
+            pairs.append((text, self.engine.text_of(got)))
+        self.assertLessEqual(corpus.word_error_rate(pairs), WER_BOUND, pairs)
+        # On the held-out clips, bfloat16 gives float32's tokens.
+        reference = demo_engine()
+        same = sum(offline_tokens(reference, audio)[0] == offline_tokens(self.engine, audio)[0]
+                   for audio, _, _ in self.clips)
+        self.assertGreaterEqual(same, len(self.clips) - 2)
+
+
 class _EndToEnd(ServerTestMixin):
     """All held-out clips streamed at once over one transport."""
 

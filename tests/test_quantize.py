@@ -93,3 +93,9 @@ class Int8EngineTests(unittest.TestCase):
         with self.assertRaises(ValueError) as e:
             Engine.load(tiny_model_path(), device="cpu", precision="int4")
         self.assertIn("unknown precision 'int4'", str(e.exception))
+
+    def test_float16_on_the_cpu_is_refused(self):
+        # NeMo would run it in float32 while the server reported float16.
+        with self.assertRaises(ValueError) as e:
+            Engine.load(tiny_model_path(), device="cpu", precision="float16")
+        self.assertIn("float16 is for CUDA", str(e.exception))
