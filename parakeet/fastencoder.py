@@ -132,7 +132,7 @@ def _layer_unsupported(layer):
     conv = layer.conv
     if type(conv) is not ConformerConvolution or conv.pointwise_activation != "glu_":
         return "convolution module is not the GLU ConformerConvolution"
-    if not (_is_pointwise(conv.pointwise_conv1) and _is_pointwise(conv.pointwise_conv2)):
+    if not (is_pointwise(conv.pointwise_conv1) and is_pointwise(conv.pointwise_conv2)):
         return "pointwise convolutions are not plain width-one ones"
     dw = conv.depthwise_conv
     if not (isinstance(dw, CausalConv1D) and dw.groups == dw.in_channels == dw.out_channels
@@ -146,7 +146,8 @@ def _is_plain_conv(conv):
             and conv.padding_mode == "zeros")
 
 
-def _is_pointwise(conv):
+def is_pointwise(conv):
+    """Whether conv is a plain width-one convolution: a linear map per frame."""
     return (type(conv) is nn.Conv1d and conv.kernel_size == (1,) and conv.groups == 1
             and _is_plain_conv(conv))
 
@@ -447,6 +448,10 @@ def _conv_step(conv, x, pad_mask, cache, cache_next):
 
 
 def _pointwise(conv, x):
+    """A width-one convolution of channels-last x."""
+    channels_last = getattr(conv, "channels_last", None)  # parakeet.quantize's
+    if channels_last is not None:
+        return channels_last(x)
     return F.linear(x, conv.weight.squeeze(-1), conv.bias)
 
 

@@ -28,10 +28,11 @@ class Int8Linear(nn.Module):
     """A linear layer with per-channel int8 weights and per-row int8 inputs."""
 
     def __init__(self, linear):
+        """linear: an nn.Linear, or a width-one nn.Conv1d (the same map)."""
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
         weight = linear.weight.detach().float()
+        weight = weight.reshape(weight.size(0), -1)
+        self.out_features, self.in_features = weight.shape
         scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
         with warnings.catch_warnings():
             # Quantized tensors are deprecated in torch, not yet removed.
@@ -59,16 +60,34 @@ class Int8Linear(nn.Module):
         return "in_features=%d, out_features=%d" % (self.in_features, self.out_features)
 
 
+class Int8Pointwise(Int8Linear):
+    """A width-one convolution (the conformer convolution module's pointwise
+    ones) with :class:`Int8Linear`'s arithmetic."""
+
+    def forward(self, x):
+        """x: [B, D, T], as nn.Conv1d takes it."""
+        return self.channels_last(x.transpose(1, 2)).transpose(1, 2)
+
+    def channels_last(self, x):
+        """x: [B, T, D], as the accelerated streaming step holds it."""
+        return Int8Linear.forward(self, x)
+
+
 def quantize_encoder(encoder):
-    """Replace the encoder's linear layers by :class:`Int8Linear`, in place.
+    """Replace the encoder's linear layers, and the pointwise convolutions of
+    its convolution modules, by eight-bit ones, in place.
 
     Attention position projections stay in float: the accelerated streaming
     step computes them once per geometry.  Returns how many were replaced."""
+    from .fastencoder import is_pointwise
+
     targets = []
     for name, module in encoder.named_modules():
         for child_name, child in module.named_children():
             if type(child) is nn.Linear and child_name != "linear_pos":
-                targets.append((module, child_name, child))
-    for parent, child_name, child in targets:
-        setattr(parent, child_name, Int8Linear(child))
+                targets.append((module, child_name, Int8Linear(child)))
+            elif child_name.startswith("pointwise_conv") and is_pointwise(child):
+                targets.append((module, child_name, Int8Pointwise(child)))
+    for parent, child_name, quantized in targets:
+        setattr(parent, child_name, quantized)
     return len(targets)

@@ -40,6 +40,16 @@ WEBSOCKET_HARD_LIMIT_FACTOR = 4
 _log = Logger()
 
 
+def send_at_once(transport):
+    """Turn Nagle's algorithm off: a result is a small message a client is
+    waiting on, not to be held back for the acknowledgement of the last one.
+    (A Unix socket has nothing to turn off.)"""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass
+
+
 def _peer(address):
     host = getattr(address, "host", None)
     if host is None:
@@ -154,6 +164,7 @@ class StreamLineProtocol(LineReceiver):
     _first_line = True
 
     def connectionMade(self):
+        send_at_once(self.transport)
         channel = LineChannel(self)
         self.session = self.factory.session(channel, "tcp")
         # Pausing the LineReceiver, not just the transport, also stops it
@@ -332,6 +343,11 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
         if abort and self._abort_later is None:
             self._abort_later = self.factory.reactor.callLater(
                 CLOSE_FLUSH_SECONDS, self.transport.abortConnection)
+
+    def connectionMade(self):
+        WebSocketServerProtocol.connectionMade(self)
+        # Autobahn tries, but before it has read the option from the factory.
+        send_at_once(self.transport)
 
     def onConnect(self, request):
         self._peer_text = _peer(self.transport.getPeer())

@@ -5,9 +5,12 @@ The network is Silero VAD (the ``silero-vad`` package ships it; no
 download).  The package's own wrapper keeps one recurrent state inside the
 model for one fixed batch, and importing the package sets torch's thread
 count for the whole process, so the server loads the network from the
-package's data folder and calls it with the state passed in and out: each
-stream's state (the LSTM state and the last 64 samples it heard) lives with
-the stream, so any set of streams can share one batched call.
+package's data folder and calls its parts with the state passed in and
+out: each stream's state (the LSTM state and the last 64 samples it heard)
+lives with the stream, so any set of streams can share one batched call.
+What comes before the LSTM sees one window at a time, so it runs once for
+all the windows of all the streams in a call; the LSTM then steps through
+them in order.
 
 The network hears 16 kHz audio in windows of 512 samples (32 ms) and gives
 the probability that each window holds speech.
@@ -87,13 +90,23 @@ class VoiceActivity:
             owners.append(sid)
         out = {sid: [] for sid in owners}
         depth = max((len(w) for w in rows), default=0)
+        if depth == 0:
+            return out
         with torch.inference_mode():
+            # Everything before the LSTM is per window: one call for all the
+            # windows of all the streams; then the LSTM, a window at a time.
+            flat = np.stack([window for windows in rows for window in windows])
+            features = self.network.encoder(self.network.run_extractors(
+                torch.from_numpy(flat).to(self.device)))
+            starts = np.cumsum([0] + [len(w) for w in rows])
             for k in range(depth):
                 active = [i for i, w in enumerate(rows) if len(w) > k]
-                x = torch.from_numpy(np.stack([rows[i][k] for i in active])).to(self.device)
                 states = [self._streams[owners[i]] for i in active]
-                p, state = self.network(x, torch.stack([s.state for s in states], 1))
-                for j, (i, probability) in enumerate(zip(active, p[:, 0].tolist())):
+                x, state = self.network.decoder(
+                    features[[int(starts[i]) + k for i in active]],
+                    torch.stack([s.state for s in states], 1))
+                for j, (i, probability) in enumerate(
+                        zip(active, x.squeeze(1).mean(1).tolist())):
                     states[j].state = state[:, j]
                     out[owners[i]].append(probability)
         return out

@@ -6,6 +6,7 @@ and real clients (a LineReceiver for TCP, Autobahn for WebSocket).
 
 import base64
 import json
+import socket
 
 import numpy as np
 from twisted.internet import defer, reactor, task
@@ -356,6 +357,16 @@ class StreamTestsMixin(ServerTestMixin):
             self.assertEqual(self.assertResultsConsistent(client), expected)
         self.assertLess(self.server.getServiceNamed("decoder").steps,
                         sum(len(a) for a in audios) / 2560)  # streams shared steps
+
+    @defer.inlineCallbacks
+    def test_results_are_not_held_back(self):
+        """The server's end of a stream connection has Nagle's algorithm off."""
+        self.start_server()
+        client = yield self.connect()
+        hello = yield client.next(lambda m: m["type"] == "hello")
+        session = self.server.registry.get(hello["stream_id"]).listener
+        sock = session.channel.proto.transport.getHandle()
+        self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @defer.inlineCallbacks
     def test_status_port(self):

@@ -7,7 +7,7 @@ import torch
 from twisted.trial import unittest
 
 from parakeet.engine import Engine
-from parakeet.quantize import Int8Linear, quantize_encoder
+from parakeet.quantize import Int8Linear, Int8Pointwise, quantize_encoder
 
 from .helpers import assert_engine_idle, speechlike, tiny_model_path
 from .test_engine import decode_together, stream_alone, tokens_of
@@ -50,6 +50,16 @@ class Int8LinearTests(unittest.TestCase):
         with torch.inference_mode():
             self.assertLess(relative_error(together, self.linear(x)), 0.03)
 
+    def test_pointwise_convolution(self):
+        """A width-one convolution, in its own layout and channels-last."""
+        conv = torch.nn.Conv1d(96, 40, 1)
+        quantized = Int8Pointwise(conv)
+        x = torch.randn(3, 96, 7)
+        expected = conv(x).detach()
+        self.assertLess(relative_error(quantized(x), expected), 0.03)
+        self.assertTrue(torch.equal(quantized.channels_last(x.transpose(1, 2)),
+                                    quantized(x).transpose(1, 2)))
+
     def test_without_bias(self):
         linear = torch.nn.Linear(32, 8, bias=False)
         x = torch.randn(4, 32)
@@ -77,6 +87,8 @@ class Int8EngineTests(unittest.TestCase):
                 self.assertIsInstance(getattr(attn, name), Int8Linear)
             self.assertIs(type(attn.linear_pos), torch.nn.Linear)
             self.assertIsInstance(layer.feed_forward1.linear1, Int8Linear)
+            self.assertIsInstance(layer.conv.pointwise_conv1, Int8Pointwise)
+            self.assertIsInstance(layer.conv.pointwise_conv2, Int8Pointwise)
         self.assertEqual(quantize_encoder(encoder), 0)  # nothing left to replace
 
     def test_batch_invariance(self):
