@@ -351,7 +351,10 @@ class Payloads:
     steps[k] is what goes on the wire at the k-th tick of the schedule, a
     tuple of ``(bytes, is_binary)`` frames; cumulative_ms[k] is the audio the
     first k + 1 ticks hold, in ms; a tick comes every ``interval`` seconds.
-    The last tick carries ``"final": true``.
+    The last tick carries ``"final": true``.  ``config`` is the frame sent
+    before the first tick: it asks for a result after every decoded chunk,
+    so that every chunk's latency is measured, not only those that brought
+    new words.
     """
 
     def __init__(self, samples, rate, seconds, chunk_ms, framing):
@@ -366,6 +369,8 @@ class Payloads:
         self.interval = chunk / rate
         self.steps = []
         self.cumulative_ms = []
+        config = json.dumps({"type": "config", "results": "every_chunk"}).encode("ascii")
+        self.config = (config + b"\n" if framing == "tcp" else config, False)
         for start in range(0, total, chunk):
             end = min(start + chunk, total)
             piece = pcm[2 * start:2 * end]
@@ -544,6 +549,7 @@ class BenchStream:
             self.errors.append("cannot prepare audio for hello %r: %s" % (message, e))
             self._proto.drop()
             return
+        self._proto.send(*self.plan.config)
         self.start = self.run.clock()
         self._tick()
 

@@ -16,6 +16,10 @@ NO_FREE_STATE = "No free streaming state available."
 SHUTTING_DOWN = "The server is shutting down."
 LOADING = "The server is still loading its model; try again shortly."
 
+#: When a stream gets results (``config``'s ``results``): when new tokens
+#: are decoded (or the turn state changes), or after every decoded chunk.
+RESULTS = ("tokens", "every_chunk")
+
 
 class ProtocolError(ValueError):
     """A client message is malformed; str() says how, for an ``error`` reply."""
@@ -35,6 +39,7 @@ class Config:
 
     sample_rate = attr.ib(default=None)
     encoding = attr.ib(default=None)
+    results = attr.ib(default=None)  #: one of RESULTS, or None: unchanged
 
 
 @attr.s(frozen=True, slots=True)
@@ -95,7 +100,11 @@ def _config(obj, _):
     if encoding is not None and encoding not in ENCODINGS:
         raise ProtocolError("unknown audio encoding %r (expected one of: %s)"
                             % (encoding[:32], ", ".join(ENCODINGS)))
-    return Config(_rate(obj), encoding)
+    results = obj.get("results")
+    if results is not None and results not in RESULTS:
+        raise ProtocolError("unknown 'results' %s (expected one of: %s)"
+                            % (json.dumps(results)[:40], ", ".join(RESULTS)))
+    return Config(_rate(obj), encoding, results)
 
 
 _PARSERS = {

@@ -77,6 +77,8 @@ class StreamSession:
         self.turns = None
         #: How JSON audio that names no encoding is encoded, and binary audio.
         self.encoding = self.binary_encoding = "pcm16"
+        #: A result after every decoded chunk, not only when there is news.
+        self.every_chunk = False
         self.connected = False
         self._idle = None
         self._unread = None
@@ -242,6 +244,8 @@ class StreamSession:
             stream.set_input_rate(message.sample_rate)
         if message.encoding is not None:
             self.encoding = self.binary_encoding = message.encoding
+        if message.results is not None:
+            self.every_chunk = message.results == "every_chunk"
 
     def _flush(self):
         if self._ended("flush"):
@@ -326,7 +330,8 @@ class StreamSession:
             self.channel.resume_reading(BACKLOG)
         # The transcript before this step's text, then each part's.
         text = stream.text[:len(stream.text) - len(result.text)]
-        parts = self.turns.step(result, result.pieces, stream.audio_ms, result.is_last)
+        parts = self.turns.step(result, result.pieces, stream.audio_ms, result.is_last,
+                                always=self.every_chunk)
         for i, part in enumerate(parts):
             text += part.text
             self._send_result(part.token_ids, part.confidences,

@@ -117,9 +117,10 @@ class TurnTracker:
 
     # what a step decoded
 
-    def step(self, result, pieces, audio_ms, is_last=False):
+    def step(self, result, pieces, audio_ms, is_last=False, always=False):
         """Parts of one step's result, in order; the last one ends the
-        stream's open utterance when is_last."""
+        stream's open utterance when is_last.  Empty when nothing changed,
+        unless always: then at least one."""
         if len(pieces) != len(result.token_ids):
             raise ValueError("a piece is needed for every token")
         self._audio_ms = audio_ms
@@ -155,7 +156,7 @@ class TurnTracker:
         if self.in_utterance and (
                 is_last or (result.endpoint and self.last_state != SPEECH)):
             cut(self._end("final" if is_last else "silence"))
-        elif tokens or started or is_last or self._changed():
+        elif tokens or started or is_last or (always and not parts) or self._changed():
             cut(self._turn(START if started else None))
         return parts
 

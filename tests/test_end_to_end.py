@@ -439,6 +439,19 @@ class TurnTestsMixin(ServerTestMixin):
         self.assertAlmostEqual(final["audio_ms"], 1000, delta=20)
 
     @defer.inlineCallbacks
+    def test_config_asks_for_a_result_every_chunk(self):
+        self.start_server()
+        client = yield self.connect()
+        client.send({"type": "config", "results": "every_chunk"})
+        audio = np.zeros(16000 * 2, np.float32)  # silence: little news
+        yield self.stream(client, audio)
+        self.assertEqual(client.errors(), [])
+        chunk_ms = self.engine.geometry.chunk_seconds * 1000
+        steps = [m["audio_ms"] for m in client.results() if not m["is_final"]]
+        self.assertEqual(steps, sorted(set(steps)))  # one a chunk
+        self.assertGreaterEqual(len(steps), 2000 / chunk_ms - 2)
+
+    @defer.inlineCallbacks
     def test_bad_config(self):
         self.start_server()
         client = yield self.connect()

@@ -130,6 +130,16 @@ class TurnMessageTests(RejectsMixin, unittest.TestCase):
                             "unknown audio encoding 'opus'")
         self.assertRejected('{"type":"config","encoding":7}', "'encoding' must be a string")
 
+    def test_config_results(self):
+        self.assertEqual(messages.parse('{"type":"config","results":"every_chunk"}'),
+                         messages.Config(results="every_chunk"))
+        self.assertEqual(messages.parse('{"type":"config","results":"tokens"}'),
+                         messages.Config(results="tokens"))
+        self.assertRejected('{"type":"config","results":"always"}',
+                            "unknown 'results' \"always\" (expected one of: tokens, "
+                            "every_chunk)")
+        self.assertRejected('{"type":"config","results":[1]}', "unknown 'results' [1]")
+
     def test_audio_sample_rate(self):
         message = messages.parse(json.dumps({"type": "audio", "sample_rate": 8000,
                                              "data": ""}))

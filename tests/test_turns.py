@@ -25,9 +25,10 @@ class TrackerTests(unittest.TestCase):
     def tracker(self, vad=True, **settings):
         return TurnTracker(TurnSettings(**settings), 80, eou_id=EOU, vad=vad)
 
-    def feed(self, tracker, audio_ms, **kwargs):
+    def feed(self, tracker, audio_ms, always=False, **kwargs):
         result, pieces = step(**kwargs)
-        return tracker.step(result, pieces, audio_ms, kwargs.get("is_last", False))
+        return tracker.step(result, pieces, audio_ms, kwargs.get("is_last", False),
+                            always=always)
 
     def test_utterance_from_first_word_to_eou(self):
         t = self.tracker()
@@ -56,6 +57,20 @@ class TrackerTests(unittest.TestCase):
                 {"word": "an", "start_ms": 560, "end_ms": 640, "confidence": 0.5},
                 {"word": "alarm", "start_ms": 640, "end_ms": 800, "confidence": 0.5}]})
         self.assertFalse(t.in_utterance)
+
+    def test_always_a_part(self):
+        """Asked for one every step, a step with no news still gives one part
+        (and only one, when there is news)."""
+        t = self.tracker()
+        self.feed(t, 160, speech=[0.0] * 5)
+        self.assertEqual(self.feed(t, 320, speech=[0.0] * 5), [])
+        (part,) = self.feed(t, 480, always=True, speech=[0.0] * 5)
+        self.assertEqual((part.token_ids, part.text), ([], ""))
+        self.assertEqual(part.turn, {"turn_detection": PAUSE, "last_state": "silence"})
+        self.feed(t, 640, tokens=[(1, W + "yes", 7)], speech=[0.9] * 5)
+        (part,) = self.feed(t, 800, always=True, tokens=[(EOU, "<EOU>", 9)],
+                            speech=[0.1] * 5)
+        self.assertEqual(part.turn["turn_detection"], END)
 
     def test_eou_and_next_words_in_one_step_are_two_parts(self):
         t = self.tracker()
