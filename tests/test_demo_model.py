@@ -120,21 +120,48 @@ class DemoModelTests(unittest.TestCase):
                              delays)
 
 
-class BFloat16Tests(unittest.TestCase):
-    """``--precision bfloat16`` on the CPU: the model really runs in bfloat16
-    (NeMo's wrapper would run it in float32), and recognises as float32 does."""
+class _ReducedPrecision:
+    """The demo model in a precision other than float32 recognises as
+    float32 does: streaming equals offline, and the words are float32's on
+    all but ``differing`` of the held-out clips."""
+
+    precision = None
+    differing = 0
 
     def setUp(self):
-        if "bfloat16" not in _demo:
+        if self.precision not in _demo:
             from parakeet.engine import Engine
 
-            _demo["bfloat16"] = Engine.load(resolve_model("demo"), device="cpu", num_slots=8,
-                                            batch_size=8, precision="bfloat16")
-        self.engine = _demo["bfloat16"]
+            _demo[self.precision] = Engine.load(resolve_model("demo"), device="cpu",
+                                                num_slots=8, batch_size=8,
+                                                precision=self.precision)
+        self.engine = _demo[self.precision]
         self.clips = heldout_clips()
 
     def tearDown(self):
         assert_engine_idle(self, self.engine)
+
+    def test_streaming_matches_offline_and_float32(self):
+        pairs = []
+        for i, (audio, text, _) in enumerate(self.clips):
+            expected, _ = offline_tokens(self.engine, audio)
+            got = tokens_of(stream_alone(self.engine, audio, 1 + i, piece=1600))
+            self.assertEqual(got, expected, text)
+            pairs.append((text, self.engine.text_of(got)))
+        self.assertLessEqual(corpus.word_error_rate(pairs), WER_BOUND, pairs)
+        reference = demo_engine()
+        same = sum(offline_tokens(reference, audio)[0] == offline_tokens(self.engine, audio)[0]
+                   for audio, _, _ in self.clips)
+        self.assertGreaterEqual(same, len(self.clips) - self.differing)
+
+
+class BFloat16Tests(_ReducedPrecision, unittest.TestCase):
+    """``--precision bfloat16`` on the CPU: the model really runs in bfloat16
+    (NeMo's wrapper would run it in float32).  (16 of 16 clips measured
+    equal to float32.)"""
+
+    precision = "bfloat16"
+    differing = 2
 
     def test_runs_in_bfloat16(self):
         import torch
@@ -146,19 +173,13 @@ class BFloat16Tests(unittest.TestCase):
             self.assertEqual({p.dtype for p in module.parameters()}, {torch.bfloat16})
         self.assertEqual(pipeline.context_manager.cache_last_channel.dtype, torch.bfloat16)
 
-    def test_streaming_matches_offline_and_float32(self):
-        pairs = []
-        for i, (audio, text, _) in enumerate(self.clips):
-            expected, _ = offline_tokens(self.engine, audio)
-            got = tokens_of(stream_alone(self.engine, audio, 1 + i, piece=1600))
-            self.assertEqual(got, expected, text)
-            pairs.append((text, self.engine.text_of(got)))
-        self.assertLessEqual(corpus.word_error_rate(pairs), WER_BOUND, pairs)
-        # On the held-out clips, bfloat16 gives float32's tokens.
-        reference = demo_engine()
-        same = sum(offline_tokens(reference, audio)[0] == offline_tokens(self.engine, audio)[0]
-                   for audio, _, _ in self.clips)
-        self.assertGreaterEqual(same, len(self.clips) - 2)
+
+class Int8Tests(_ReducedPrecision, unittest.TestCase):
+    """``--precision int8``: eight-bit encoder products.  (13 of 16 clips
+    measured equal to float32, with the same word error rate.)"""
+
+    precision = "int8"
+    differing = 4
 
 
 class _EndToEnd(ServerTestMixin):
