@@ -40,6 +40,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 
 from .tap import not_negative, positive
+from .transports import send_at_once
 
 #: What espeak-ng reads aloud when no --audio is given.
 SPEECH_TEXT = (
@@ -421,10 +422,7 @@ class _TCPStream(LineReceiver):
         self.stream = stream
 
     def connectionMade(self):
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError):
-            pass
+        send_at_once(self.transport)
         self.stream.attached(self)
 
     def lineReceived(self, line):

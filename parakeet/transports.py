@@ -41,9 +41,10 @@ _log = Logger()
 
 
 def send_at_once(transport):
-    """Turn Nagle's algorithm off: a result is a small message a client is
-    waiting on, not to be held back for the acknowledgement of the last one.
-    (A Unix socket has nothing to turn off.)"""
+    """Turn Nagle's algorithm off: a result (or, from the bench, an audio
+    message) is a small message the other end is waiting on, not to be held
+    back for the acknowledgement of the last one.  (A Unix socket has
+    nothing to turn off.)"""
     try:
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError):
