@@ -270,6 +270,7 @@ def makeService(config, reactor=None, engine=None):
     when it starts, answering probes (and refusing streams) meanwhile."""
     if reactor is None:
         from twisted.internet import reactor
+    from .allocator import use_one_arena
     from .auth import TokenReloader, TokenStore, parse_origins
     from .health import Health
     from .metrics import ServerMetrics
@@ -280,6 +281,7 @@ def makeService(config, reactor=None, engine=None):
     from .turns import TurnSettings
     from .web import http_site
 
+    use_one_arena()  # before the model thread allocates
     log.info("parakeet-server {version} starting: {settings}", version=__version__,
              settings=" ".join("--%s=%s" % (k, config[k]) for k in sorted(config)
                                if k not in ("help", "version")))

@@ -1,0 +1,64 @@
+"""
+The server's threads share one malloc arena (``parakeet.allocator``).
+"""
+
+import os
+import platform
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+from parakeet.allocator import use_one_arena
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Starts four threads that allocate at once, then prints how many arenas
+#: glibc's malloc_info reports; with "one", asks for one arena first.
+COUNT_ARENAS = r"""
+import ctypes, sys, tempfile, threading
+from parakeet.allocator import use_one_arena
+if sys.argv[1] == "one":
+    assert use_one_arena()
+together = threading.Barrier(4)
+held = []
+def allocate():
+    held.append(bytearray(1 << 16))
+    together.wait()
+    held.append(bytearray(1 << 16))
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+    stream = ctypes.c_void_p(libc.fopen(out.name.encode(), b"w"))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(open(out.name).read().count("<heap nr="))
+"""
+
+
+def arenas(*argv):
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env["PYTHONPATH"] = ROOT
+    out = subprocess.run([sys.executable, "-c", COUNT_ARENAS] + list(argv), env=env,
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    return int(out.split()[-1])
+
+
+class OneArenaTests(unittest.TestCase):
+
+    def setUp(self):
+        if platform.libc_ver()[0] != "glibc":
+            raise unittest.SkipTest("malloc arenas are glibc's")
+
+    def test_threads_share_the_main_arena(self):
+        self.assertGreater(arenas("default"), 1)
+        self.assertEqual(arenas("one"), 1)
+
+    def test_environment_decides_when_it_says(self):
+        self.patch(os, "environ", dict(os.environ, MALLOC_ARENA_MAX="4"))
+        self.assertFalse(use_one_arena())
