@@ -31,6 +31,11 @@ stays NeMo's own, untouched.
   memoised geometry-only part (the chunked context).
 * The position scores of all streams are one batched product per layer, not
   a product against the position projections copied once per stream.
+* With ``caches_in_place`` (the server's pipeline asks for it), a step writes
+  its next caches over the ones it was given instead of into new tensors:
+  each layer reads all of its cache block before it writes the block again.
+  The caches of a batch of consecutive slots are views of the slot table,
+  so nothing is copied back after the step.
 * The convolution module runs channels-last, its pointwise convolutions as
   matrix products and its depthwise one as one small product per channel:
   on a couple of frames, ``conv1d`` calls cost far more than the arithmetic.
@@ -78,21 +83,26 @@ class Acceleration:
         return self.applied
 
 
-def accelerate(model):
+def accelerate(model, caches_in_place=False):
     """Give the cache-aware streaming path of model's encoder a key/value cache.
 
     model is a NeMo ASR model (anything with an ``encoder``) or an encoder.
     Call it before creating caches (NeMo's context manager creates them when
-    a pipeline is built).  Calling it again is harmless.
+    a pipeline is built).  Calling it again is harmless.  caches_in_place:
+    each streaming step overwrites the caches it is given with the next ones
+    (and returns them), for callers that do not read a step's input caches
+    afterwards.
     """
     encoder = getattr(model, "encoder", model)
-    if isinstance(vars(encoder).get("_streaming_step"), _StreamingStep):
+    step = vars(encoder).get("_streaming_step")
+    if isinstance(step, _StreamingStep):
+        step.caches_in_place = caches_in_place
         return Acceleration(True, "already accelerated")
     reason = unsupported_reason(encoder)
     if reason:
         log.info("streaming encoder left as it is: {reason}", reason=reason)
         return Acceleration(False, reason)
-    step = _StreamingStep(encoder)
+    step = _StreamingStep(encoder, caches_in_place)
     encoder._streaming_step = step
     encoder.forward_internal = step.forward_internal
     encoder.get_initial_cache_state = step.initial_cache_state
@@ -237,8 +247,9 @@ def _project_positions(encoder, pos_emb):
 class _StreamingStep:
     """The accelerated cache-aware streaming forward of one encoder."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, caches_in_place=False):
         self.encoder = encoder
+        self.caches_in_place = caches_in_place
         self.stock_forward_internal = encoder.forward_internal
         self.stock_initial_cache_state = encoder.get_initial_cache_state
         self.positions = _PositionProjections()
@@ -270,8 +281,11 @@ class _StreamingStep:
         x, pos_emb = encoder.pos_enc(x=x, cache_len=cache_len)
         att_mask, pad_mask = self._masks(length, cache_last_channel_len, cache_len, n_new)
         positions = self.positions(encoder, pos_emb)
-        channel_next = cache_last_channel.new_empty(cache_last_channel.shape)
-        time_next = cache_last_time.new_empty(cache_last_time.shape)
+        if self.caches_in_place:
+            channel_next, time_next = cache_last_channel, cache_last_time
+        else:
+            channel_next = cache_last_channel.new_empty(cache_last_channel.shape)
+            time_next = cache_last_time.new_empty(cache_last_time.shape)
         training = encoder.training
         for lth, layer in enumerate(encoder.layers):
             before = x

@@ -179,7 +179,8 @@ class ServingPipeline(CacheAwareRNNTPipeline):
         if chunk_ms is not None:
             cfg.streaming.att_context_size = att_context_for(asr, chunk_ms)
         if fast_encoder:
-            accelerate(asr.asr_model)
+            # NeMo's pipeline replaces a step's input caches by its output.
+            accelerate(asr.asr_model, caches_in_place=True)
         return cls(cfg, asr)
 
     def init_context_manager(self):

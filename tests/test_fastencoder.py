@@ -193,6 +193,23 @@ class EncoderTests(unittest.TestCase):
                                    frame_major(fast, expected)[:, :, -filled:],
                                    **TOLERANCE)
 
+    def test_caches_written_in_place(self):
+        stock, fast = encoder_pair()
+        in_place = copy.deepcopy(stock)
+        self.assertTrue(fastencoder.accelerate(in_place, caches_in_place=True))
+        expected_outputs, expected_caches = stream_steps(fast)
+        caches = in_place.get_initial_cache_state(3)
+        outputs, final = stream_steps(in_place, caches=caches)
+        for output, expected in zip(outputs, expected_outputs):
+            self.assertTrue(torch.equal(output, expected))
+        for cache, expected in zip(final, expected_caches):
+            self.assertTrue(torch.equal(cache, expected))
+        # The channel and time caches given are the ones returned, updated.
+        for returned, given in zip(final[:2], caches[:2]):
+            self.assertEqual(returned.data_ptr(), given.data_ptr())
+            self.assertTrue(torch.equal(returned, given))
+        self.assertGreater(caches[0].abs().max().item(), 0)
+
     def test_partly_filled_caches(self):
         # Streams with 0, 13 and 70 frames of context, arbitrary values in
         # the unfilled part of the cache, and a shorter third stream.

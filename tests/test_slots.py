@@ -122,6 +122,19 @@ class SlotCachesTests(unittest.TestCase):
         self.assertNotEqual(context.cache_last_channel.untyped_storage().data_ptr(),
                             store.untyped_storage().data_ptr())
 
+    def test_gathered_into_one_buffer(self):
+        self.ours.order([1, 2, 3, 4])
+        first, mapping = self.ours.get_context([1, 3])
+        self.ours.update_cache([1, 3], first, mapping)
+        second, _ = self.ours.get_context([2, 4])
+        self.assertEqual(first.cache_last_channel.data_ptr(),
+                         second.cache_last_channel.data_ptr())
+        # A larger batch than any before: a larger buffer.
+        third, _ = self.ours.get_context([1, 2, 4])
+        self.assertEqual(third.cache_last_channel.size(1), 3)
+        self.assertTrue(torch.equal(third.cache_last_channel,
+                                    caches_of(self.ours, [1, 2, 4])[0]))
+
     def test_batch_ordered_by_slot(self):
         self.ours.order([5, 6, 7])
         self.ours.reset_slots([5], [True])
