@@ -122,11 +122,13 @@ class DemoModelTests(unittest.TestCase):
 
 class _ReducedPrecision:
     """The demo model in a precision other than float32 recognises as
-    float32 does: streaming equals offline, and the words are float32's on
-    all but ``differing`` of the held-out clips."""
+    float32 does: streaming equals offline on all but ``stream_differing``
+    of the held-out clips, and the words are float32's on all but
+    ``differing`` of them."""
 
     precision = None
     differing = 0
+    stream_differing = 0
 
     def setUp(self):
         if self.precision not in _demo:
@@ -143,11 +145,15 @@ class _ReducedPrecision:
 
     def test_streaming_matches_offline_and_float32(self):
         pairs = []
+        unlike_offline = []
         for i, (audio, text, _) in enumerate(self.clips):
             expected, _ = offline_tokens(self.engine, audio)
             got = tokens_of(stream_alone(self.engine, audio, 1 + i, piece=1600))
-            self.assertEqual(got, expected, text)
+            if got != expected:
+                unlike_offline.append((text, self.engine.text_of(got),
+                                       self.engine.text_of(expected)))
             pairs.append((text, self.engine.text_of(got)))
+        self.assertLessEqual(len(unlike_offline), self.stream_differing, unlike_offline)
         self.assertLessEqual(corpus.word_error_rate(pairs), WER_BOUND, pairs)
         reference = demo_engine()
         same = sum(offline_tokens(reference, audio)[0] == offline_tokens(self.engine, audio)[0]
@@ -176,10 +182,15 @@ class BFloat16Tests(_ReducedPrecision, unittest.TestCase):
 
 class Int8Tests(_ReducedPrecision, unittest.TestCase):
     """``--precision int8``: eight-bit encoder products.  (13 of 16 clips
-    measured equal to float32, with the same word error rate.)"""
+    measured equal to float32, with the same word error rate.)  Streaming
+    and offline decoding differ in their float32 rounding (a product over a
+    chunk's two frames against one over the whole clip), which quantizing
+    can turn into a different level and a different word: 0 of 16 clips on
+    an AVX2 processor, 2 on an AVX-512 one, with the same word error rate."""
 
     precision = "int8"
     differing = 4
+    stream_differing = 3
 
 
 class _EndToEnd(ServerTestMixin):
