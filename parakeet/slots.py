@@ -118,7 +118,7 @@ class SlotCaches(CacheAwareContextManager):
             context = CacheAwareContext(self.cache_last_channel[:, run],
                                         self.cache_last_time[:, run],
                                         self.cache_last_channel_len[run])
-        elif self.cache_last_channel.device.type == "cpu":
+        elif self._by_runs:
             context = CacheAwareContext(*self._gather(slot_ids))
         else:
             index = torch.tensor(slot_ids, device=self.device, dtype=torch.long)
@@ -126,6 +126,11 @@ class SlotCaches(CacheAwareContextManager):
                                         self.cache_last_time.index_select(1, index),
                                         self.cache_last_channel_len.index_select(0, index))
         return context, dict(zip(slot_ids, range(len(slot_ids))))
+
+    @property
+    def _by_runs(self):
+        """Whether scattered slots are copied run by run (on the CPU)."""
+        return self.cache_last_channel.device.type == "cpu"
 
     def _stores(self):
         return ((self.cache_last_channel, 1), (self.cache_last_time, 1),
@@ -153,23 +158,23 @@ class SlotCaches(CacheAwareContextManager):
         # get_context returned is the identity.
         if [mapping[slot] for slot in slot_ids] != list(range(len(slot_ids))):
             raise ValueError("new caches are not in the batch's order")
-        pairs = [(store, new, dim) for (store, dim), new in zip(self._stores(), (
-            new_context.cache_last_channel, new_context.cache_last_time,
-            new_context.cache_last_channel_len))]
-        if run is not None:
-            for store, new, dim in pairs:
-                target = store.narrow(dim, run.start, run.stop - run.start)
-                if new.data_ptr() != target.data_ptr():
-                    # A step that returned (part of) its input caches would
-                    # overlap the slots it is copied into.
-                    if new.untyped_storage().data_ptr() == store.untyped_storage().data_ptr():
-                        new = new.clone()
-                    target.copy_(new)
-        elif self.cache_last_channel.device.type == "cpu":
-            for position, slot, count in _runs(slot_ids):
-                for store, new, dim in pairs:
+        news = (new_context.cache_last_channel, new_context.cache_last_time,
+                new_context.cache_last_channel_len)
+        runs = _runs(slot_ids) if self._by_runs else None
+        index = None
+        for (store, dim), new in zip(self._stores(), news):
+            if run is not None and new.data_ptr() == store.narrow(dim, run.start, 1).data_ptr():
+                continue  # written in place
+            if new.untyped_storage().data_ptr() == store.untyped_storage().data_ptr():
+                # A step that returned (part of) its input caches would
+                # overlap the slots it is copied into.
+                new = new.clone()
+            if run is not None:
+                store.narrow(dim, run.start, run.stop - run.start).copy_(new)
+            elif runs is not None:
+                for position, slot, count in runs:
                     store.narrow(dim, slot, count).copy_(new.narrow(dim, position, count))
-        else:
-            index = torch.tensor(slot_ids, device=self.device, dtype=torch.long)
-            for store, new, dim in pairs:
+            else:
+                if index is None:
+                    index = torch.tensor(slot_ids, device=self.device, dtype=torch.long)
                 store.index_copy_(dim, index, new)

@@ -111,6 +111,11 @@ class SlotCachesTests(unittest.TestCase):
             for a, b in zip(caches_of(self.ours, [stream_id]), caches_of(self.nemo, [stream_id])):
                 self.assertTrue(torch.equal(a, b))
 
+    def test_same_caches_as_nemo_with_indexed_copies(self):
+        # As on CUDA: scattered slots gathered and written back by index.
+        self.patch(SlotCaches, "_by_runs", False)
+        self.test_same_caches_as_nemo()
+
     def test_consecutive_slots_are_read_as_views(self):
         ids = [7, 8, 9]
         self.assertEqual(self.ours.order(ids), [0, 1, 2])
