@@ -114,18 +114,15 @@ class SlotCaches(CacheAwareContextManager):
             return CacheAwareContext(), {}
         self._assign(stream_ids)
         slot_ids, run = self._where(stream_ids)
+        stores = self._stores()
         if run is not None:
-            context = CacheAwareContext(self.cache_last_channel[:, run],
-                                        self.cache_last_time[:, run],
-                                        self.cache_last_channel_len[run])
+            caches = [store.narrow(dim, run.start, run.stop - run.start) for store, dim in stores]
         elif self._by_runs:
-            context = CacheAwareContext(*self._gather(slot_ids))
+            caches = self._gather(slot_ids, stores)
         else:
             index = torch.tensor(slot_ids, device=self.device, dtype=torch.long)
-            context = CacheAwareContext(self.cache_last_channel.index_select(1, index),
-                                        self.cache_last_time.index_select(1, index),
-                                        self.cache_last_channel_len.index_select(0, index))
-        return context, dict(zip(slot_ids, range(len(slot_ids))))
+            caches = [store.index_select(dim, index) for store, dim in stores]
+        return CacheAwareContext(*caches), dict(zip(slot_ids, range(len(slot_ids))))
 
     @property
     def _by_runs(self):
@@ -133,20 +130,20 @@ class SlotCaches(CacheAwareContextManager):
         return self.cache_last_channel.device.type == "cpu"
 
     def _stores(self):
+        """(slot table, its slot dimension) of each cache."""
         return ((self.cache_last_channel, 1), (self.cache_last_time, 1),
                 (self.cache_last_channel_len, 0))
 
-    def _gather(self, slot_ids):
+    def _gather(self, slot_ids, stores):
         """The caches of slot_ids, copied run by run into the gather buffer,
         which grows to the largest batch gathered."""
         n = len(slot_ids)
         if self._gathered is None or self._gathered[0].size(1) < n:
             self._gathered = [store.new_empty(store.shape[:dim] + (n,) + store.shape[dim + 1:])
-                              for store, dim in self._stores()]
-        out = [buffer.narrow(dim, 0, n)
-               for buffer, (_, dim) in zip(self._gathered, self._stores())]
+                              for store, dim in stores]
+        out = [buffer.narrow(dim, 0, n) for buffer, (_, dim) in zip(self._gathered, stores)]
         for position, slot, count in _runs(slot_ids):
-            for buffer, (store, dim) in zip(out, self._stores()):
+            for buffer, (store, dim) in zip(out, stores):
                 buffer.narrow(dim, position, count).copy_(store.narrow(dim, slot, count))
         return out
 
