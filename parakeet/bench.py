@@ -40,7 +40,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 
 from .tap import not_negative, positive
-from .transports import send_at_once
+from .transports import send_at_once, skip_debug_formatting
 
 #: What espeak-ng reads aloud when no --audio is given.
 SPEECH_TEXT = (
@@ -448,6 +448,9 @@ class _WebSocketStream(WebSocketClientProtocol):
     def onOpen(self):
         self.opened = True
         self.factory.stream.attached(self)
+
+    def dataReceived(self, data):
+        skip_debug_formatting(self, data)
 
     def onMessage(self, payload, isBinary):
         self.factory.stream.received(payload)

@@ -294,6 +294,15 @@ class StreamLineFactory(_Sessions, protocol.Factory):
 
 # WebSocket
 
+def skip_debug_formatting(proto, data):
+    """Hand data read from an Autobahn protocol's transport to its WebSocket
+    machinery.  Autobahn's own ``dataReceived`` first formats the arguments
+    of a debug log line (type and peer names, highlighted) on every read,
+    with debug logging off too: a third of what it spends on a frame of
+    audio."""
+    proto._dataReceived(data)
+
+
 class WebSocketChannel(_Channel):
 
     def __init__(self, proto, peer):
@@ -349,6 +358,9 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
         WebSocketServerProtocol.connectionMade(self)
         # Autobahn tries, but before it has read the option from the factory.
         send_at_once(self.transport)
+
+    def dataReceived(self, data):
+        skip_debug_formatting(self, data)
 
     def onConnect(self, request):
         self._peer_text = _peer(self.transport.getPeer())

@@ -140,7 +140,7 @@ class DecodeLoopTests(unittest.TestCase):
         loop = DecodeLoop(self.engine, self.registry, self.clock, run_step=slow)
         loop.startService()
         self.open(1, seconds=0.1)
-        self.clock.advance(0.01)
+        self.clock.advance(loop.interval)
         stopped = loop.stopService()
         self.assertNoResult(stopped)
         d, function, args = pending.pop()
