@@ -126,8 +126,8 @@ class Options(usage.Options):
          "probe may have.", positive(float)),
         ("max-streams", None, 1024, "--find-max: the most streams to try.",
          positive(int)),
-        ("pause", None, 2.0, "--find-max: seconds to wait between probes.",
-         not_negative(float)),
+        ("pause", None, 2.0, "--find-max: seconds to wait between probes (then, "
+         "with --server-pid, until the server is idle).", not_negative(float)),
         ("final-timeout", None, 30.0, "Seconds a stream waits for its final result "
          "after its last audio.", positive(float)),
         ("server-pid", None, None, "PID of the server, when it runs on this machine: "
@@ -664,6 +664,21 @@ def process_rss_bytes(pid):
     return None
 
 
+@defer.inlineCallbacks
+def wait_until_idle(reactor, cpu_seconds, busy=0.2, window=0.5, limit=60.0):
+    """Wait until a process uses less than busy of a core over window
+    seconds, or for limit seconds at most; cpu_seconds() reads its CPU time.
+    The Deferred fires with the seconds waited."""
+    started = reactor.seconds()
+    before = cpu_seconds()
+    while True:
+        yield task.deferLater(reactor, window, lambda: None)
+        now = cpu_seconds()
+        if now - before < busy * window or reactor.seconds() - started >= limit:
+            return reactor.seconds() - started
+        before = now
+
+
 class ServerSampler:
     """The server process's CPU time over a run, and its resident memory
     before, at the peak (sampled every interval seconds) and at the end."""
@@ -1042,6 +1057,13 @@ def bench(reactor, options, out=None, command=None):
     def probe(n):
         if report["runs"] and options["pause"]:  # let the server settle
             yield task.deferLater(reactor, options["pause"], lambda: None)
+        if report["runs"] and options["server-pid"] is not None:
+            # A probe that overloaded the server leaves it decoding the
+            # audio its streams sent: the next probe must not pay for that.
+            pid = options["server-pid"]
+            waited = yield wait_until_idle(reactor, lambda: process_cpu_seconds(pid))
+            if waited > 0.5:
+                say("(waited %.1f s for the server to go idle)" % (waited,))
         run = yield Run(reactor, options, workload, n).go()
         report["runs"].append(run)
         say(table_row(run))

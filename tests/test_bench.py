@@ -12,7 +12,7 @@ import re
 import wave
 
 import numpy as np
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -225,6 +225,28 @@ class ProcTests(unittest.TestCase):
     def test_own_process(self):
         self.assertGreater(bench.process_cpu_seconds(os.getpid()), 0)
         self.assertGreater(bench.process_rss_bytes(os.getpid()), 1 << 20)
+
+
+    def test_waits_until_the_server_is_idle(self):
+        clock = task.Clock()
+        # A core busy for 1.2 s, then idle.
+        cpu = lambda: min(clock.seconds(), 1.2)
+        d = bench.wait_until_idle(clock, cpu, busy=0.2, window=0.5)
+        clock.advance(0.5)
+        clock.advance(0.5)
+        self.assertNoResult(d)
+        clock.advance(0.5)  # 0.2 s of CPU in this window: still busy
+        self.assertNoResult(d)
+        clock.advance(0.5)
+        self.assertEqual(self.successResultOf(d), 2.0)
+
+    def test_gives_up_waiting_after_the_limit(self):
+        clock = task.Clock()
+        d = bench.wait_until_idle(clock, clock.seconds, window=0.5, limit=3.0)
+        clock.pump([0.5] * 5)
+        self.assertNoResult(d)
+        clock.advance(0.5)
+        self.assertEqual(self.successResultOf(d), 3.0)
 
 
 class NoServerTests(unittest.TestCase):
