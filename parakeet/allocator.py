@@ -1,5 +1,6 @@
 """
-One malloc arena for the whole server process.
+How the server process keeps its memory: one malloc arena, and a garbage
+collector that leaves the loaded model alone.
 
 glibc gives threads that allocate concurrently arenas of their own, built of
 heaps that it shrinks, handing pages back to the kernel, whenever their top
@@ -13,6 +14,7 @@ has a handful of threads, so one arena costs nothing in lock contention.
 """
 
 import ctypes
+import gc
 import os
 
 #: glibc's mallopt parameter for the most arenas (malloc.h).
@@ -31,3 +33,18 @@ def use_one_arena():
     except (OSError, AttributeError):
         return False
     return mallopt(M_ARENA_MAX, 1) == 1
+
+
+def freeze_loaded_objects():
+    """Collect what loading left behind, then exempt every object alive now
+    from later garbage collections.  With the small model loaded the
+    process holds some 780 000 objects the collector tracks (modules,
+    parameters, configuration), and a full collection walks them all
+    holding the GIL: 320-330 ms in which neither the reactor nor the model
+    thread runs.  Python starts one whenever the objects that outlived
+    younger collections reach a quarter of those already old, which a
+    server with many streams coming and going reaches in time.  Frozen, the
+    model is never walked again; what the server allocates from here on is
+    collected as before."""
+    gc.collect()
+    gc.freeze()

@@ -664,8 +664,12 @@ def process_rss_bytes(pid):
     return None
 
 
+#: Seconds over which --find-max finds the server idle (or not).
+IDLE_WINDOW = 0.5
+
+
 @defer.inlineCallbacks
-def wait_until_idle(reactor, cpu_seconds, busy=0.2, window=0.5, limit=60.0):
+def wait_until_idle(reactor, cpu_seconds, busy=0.2, window=IDLE_WINDOW, limit=60.0):
     """Wait until a process uses less than busy of a core over window
     seconds, or for limit seconds at most; cpu_seconds() reads its CPU time.
     The Deferred fires with the seconds waited."""
@@ -1061,8 +1065,9 @@ def bench(reactor, options, out=None, command=None):
             # A probe that overloaded the server leaves it decoding the
             # audio its streams sent: the next probe must not pay for that.
             pid = options["server-pid"]
-            waited = yield wait_until_idle(reactor, lambda: process_cpu_seconds(pid))
-            if waited > 0.5:
+            waited = yield wait_until_idle(reactor, lambda: process_cpu_seconds(pid),
+                                           window=IDLE_WINDOW)
+            if waited > 1.5 * IDLE_WINDOW:
                 say("(waited %.1f s for the server to go idle)" % (waited,))
         run = yield Run(reactor, options, workload, n).go()
         report["runs"].append(run)

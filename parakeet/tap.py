@@ -254,6 +254,7 @@ def in_own_thread(reactor, f, *args, **kwargs):
 
 def load_engine(config):
     """The engine for config (blocking: run it off the reactor thread)."""
+    from .allocator import freeze_loaded_objects
     from .engine import Engine
     from .models import resolve_model
 
@@ -262,6 +263,7 @@ def load_engine(config):
         num_slots=config["max-num-streams"], batch_size=config["max-batch"],
         chunk_ms=config["chunk-ms"], precision=config["precision"])
     engine.warm_up()
+    freeze_loaded_objects()
     return engine
 
 
