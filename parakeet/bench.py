@@ -1062,11 +1062,10 @@ def bench(reactor, options, out=None, command=None):
         if report["runs"] and options["pause"]:  # let the server settle
             yield task.deferLater(reactor, options["pause"], lambda: None)
         if report["runs"] and options["server-pid"] is not None:
-            # A probe that overloaded the server leaves it decoding the
+            # A probe that overloaded the server can leave it decoding the
             # audio its streams sent: the next probe must not pay for that.
             pid = options["server-pid"]
-            waited = yield wait_until_idle(reactor, lambda: process_cpu_seconds(pid),
-                                           window=IDLE_WINDOW)
+            waited = yield wait_until_idle(reactor, lambda: process_cpu_seconds(pid))
             if waited > 1.5 * IDLE_WINDOW:
                 say("(waited %.1f s for the server to go idle)" % (waited,))
         run = yield Run(reactor, options, workload, n).go()
