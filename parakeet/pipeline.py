@@ -34,6 +34,11 @@ short for a server:
   emitted tokens.
 * Encoder caches are gathered and written back with fewer copies
   (:mod:`parakeet.slots`).
+* Streams' last chunks are decoded in the same encoder call as the other
+  chunks of the step.  The stock pipeline gives them a call of their own
+  (they keep all of their outputs), which made every step that ended a
+  stream pay the encoder's fixed cost twice; here each row is cut to what
+  it keeps by its length instead.
 """
 
 import attr
@@ -49,6 +54,7 @@ from nemo.collections.asr.inference.model_wrappers.cache_aware_rnnt_inference_wr
 from nemo.collections.asr.inference.pipelines.cache_aware_rnnt_pipeline import (
     CacheAwareRNNTPipeline,
 )
+from nemo.collections.asr.inference.utils.context_manager import CacheAwareContext
 
 from .fastencoder import accelerate
 from .models import load_asr_model
@@ -136,8 +142,40 @@ class ServingModel(CacheAwareRNNTInferenceWrapper):
             self.compute_dtype = self.cast_dtype = torch.bfloat16
             self.asr_model.to(torch.bfloat16)
 
+    #: Which rows of the next step are their streams' last chunks, when only
+    #: some are (set by the pipeline); None: every row alike.
+    last_rows = None
+
     def load_model(self, model_name, map_location):
         return load_asr_model(model_name, map_location)
+
+    def execute_step(self, processed_signal, processed_signal_length, context,
+                     previous_hypotheses, drop_extra_pre_encoded, keep_all_outputs,
+                     drop_left_context=None, valid_out_len=None, prompt_vectors=None):
+        last_rows, self.last_rows = self.last_rows, None
+        if last_rows is None or drop_left_context or valid_out_len:
+            return super().execute_step(
+                processed_signal, processed_signal_length, context, previous_hypotheses,
+                drop_extra_pre_encoded, keep_all_outputs, drop_left_context, valid_out_len,
+                prompt_vectors)
+        # Last chunks beside others, in one encoder call: every row's output
+        # is kept, then the other rows are cut to what they would keep on
+        # their own, by their lengths (the decoder reads no further).
+        encoder = self.asr_model.encoder
+        encoded, encoded_len, channel, time, channel_len = encoder.cache_aware_stream_step(
+            processed_signal=processed_signal, processed_signal_length=processed_signal_length,
+            cache_last_channel=context.cache_last_channel,
+            cache_last_time=context.cache_last_time,
+            cache_last_channel_len=context.cache_last_channel_len,
+            keep_all_outputs=True, drop_extra_pre_encoded=drop_extra_pre_encoded)
+        kept = encoder.streaming_cfg.valid_out_len
+        if kept > 0:
+            last = torch.tensor(last_rows, device=encoded_len.device)
+            encoded_len = torch.where(last, encoded_len, encoded_len.clamp(max=kept))
+        best_hyp = self.asr_model.decoding.rnnt_decoder_predictions_tensor(
+            encoded, encoded_len, return_hypotheses=True, partial_hypotheses=previous_hypotheses)
+        return best_hyp, CacheAwareContext(cache_last_channel=channel, cache_last_time=time,
+                                           cache_last_channel_len=channel_len)
 
 
 @attr.s(slots=True)
@@ -195,15 +233,18 @@ class ServingPipeline(CacheAwareRNNTPipeline):
 
     def transcribe_step_for_feature_buffers(self, fbuffers):
         self.emitted = {}
+        # First chunks drop no pre-encoded frames, so they are decoded apart;
+        # last chunks go with the others (ServingModel.execute_step).
         groups = {}
         for fbuffer in fbuffers:
-            groups.setdefault((fbuffer.is_first, fbuffer.is_last), []).append(fbuffer)
+            groups.setdefault(fbuffer.is_first, []).append(fbuffer)
         ready_state_ids = set()
-        for (is_first, is_last), group in groups.items():
-            paddings = [f.size - f.valid_size for f in group] if is_last else None
+        for group in groups.values():
+            any_last = any(f.is_last for f in group)
+            paddings = [f.size - f.valid_size for f in group] if any_last else None
             self.cache_aware_transcribe_step(
                 group, [f.features for f in group], paddings, ready_state_ids,
-                keep_all_outputs=is_last)
+                keep_all_outputs=any_last)
         if ready_state_ids:
             self.text_processor.process([self.get_state(s) for s in ready_state_ids])
 
@@ -220,6 +261,9 @@ class ServingPipeline(CacheAwareRNNTPipeline):
         features = [features[i] for i in order]
         if right_paddings is not None:
             right_paddings = [right_paddings[i] for i in order]
+        lasts = [r.is_last for r in requests]
+        if keep_all_outputs and not all(lasts):
+            self.asr_model.last_rows = lasts
         super().cache_aware_transcribe_step(
             requests, features, right_paddings, ready_state_ids, keep_all_outputs)
 

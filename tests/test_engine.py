@@ -95,6 +95,39 @@ class EngineTests(unittest.TestCase):
         for i in range(8):
             self.assertEqual(together[i], alone[i], "stream %d" % i)
 
+    def test_last_chunks_share_the_encoder_call(self):
+        """A step holding streams' last chunks beside others runs the encoder
+        once; a stream's first chunk still needs a call of its own."""
+        encoder = self.engine.pipeline.asr_model.asr_model.encoder
+        calls = []
+        step = encoder.cache_aware_stream_step
+
+        def counted(*args, **kwargs):
+            calls.append(kwargs["processed_signal"].shape[0])
+            return step(*args, **kwargs)
+
+        self.patch(encoder, "cache_aware_stream_step", counted)
+        cutters = [ChunkCutter(60 + i, self.engine.geometry) for i in range(4)]
+        for i, cutter in enumerate(cutters):
+            cutter.push(speechlike(60 + i, 0.5 if i < 2 else 0.7))
+        for cutter in cutters:
+            self.engine.step([cutter.next_chunk()])  # the first chunks
+        for cutter in cutters[:2]:
+            cutter.finish()
+        while not all(c.done for c in cutters[:2]):
+            del calls[:]
+            chunks = [c for c in (cutter.next_chunk() for cutter in cutters) if c is not None]
+            self.engine.step(chunks)
+            if any(c.is_last for c in chunks) and not all(c.is_last for c in chunks):
+                self.assertEqual(calls, [len(chunks)])
+                break
+        else:
+            self.fail("no step held last chunks beside others")
+        for cutter in cutters:
+            cutter.finish()
+            while not cutter.done:
+                self.engine.step([cutter.next_chunk()])
+
     def test_results(self):
         audio = speechlike(7, 2.0)
         results = stream_alone(self.engine, audio, 1)
