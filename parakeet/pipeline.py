@@ -142,18 +142,14 @@ class ServingModel(CacheAwareRNNTInferenceWrapper):
             self.compute_dtype = self.cast_dtype = torch.bfloat16
             self.asr_model.to(torch.bfloat16)
 
-    #: Which rows of the next step are their streams' last chunks, when only
-    #: some are (set by the pipeline); None: every row alike.
-    last_rows = None
-
     def load_model(self, model_name, map_location):
         return load_asr_model(model_name, map_location)
 
     def execute_step(self, processed_signal, processed_signal_length, context,
                      previous_hypotheses, drop_extra_pre_encoded, keep_all_outputs,
                      drop_left_context=None, valid_out_len=None, prompt_vectors=None):
-        last_rows, self.last_rows = self.last_rows, None
-        if last_rows is None or drop_left_context or valid_out_len:
+        """keep_all_outputs may also be a list, per row (ServingPipeline)."""
+        if not isinstance(keep_all_outputs, list):
             return super().execute_step(
                 processed_signal, processed_signal_length, context, previous_hypotheses,
                 drop_extra_pre_encoded, keep_all_outputs, drop_left_context, valid_out_len,
@@ -170,7 +166,7 @@ class ServingModel(CacheAwareRNNTInferenceWrapper):
             keep_all_outputs=True, drop_extra_pre_encoded=drop_extra_pre_encoded)
         kept = encoder.streaming_cfg.valid_out_len
         if kept > 0:
-            last = torch.tensor(last_rows, device=encoded_len.device)
+            last = torch.tensor(keep_all_outputs, device=encoded_len.device)
             encoded_len = torch.where(last, encoded_len, encoded_len.clamp(max=kept))
         best_hyp = self.asr_model.decoding.rnnt_decoder_predictions_tensor(
             encoded, encoded_len, return_hypotheses=True, partial_hypotheses=previous_hypotheses)
@@ -262,8 +258,10 @@ class ServingPipeline(CacheAwareRNNTPipeline):
         if right_paddings is not None:
             right_paddings = [right_paddings[i] for i in order]
         lasts = [r.is_last for r in requests]
-        if keep_all_outputs and not all(lasts):
-            self.asr_model.last_rows = lasts
+        if keep_all_outputs and not all(lasts) and self.use_cache:
+            # Only the last chunks keep all their outputs (with the cache,
+            # NeMo's step drops no left context and cuts no outputs itself).
+            keep_all_outputs = lasts
         super().cache_aware_transcribe_step(
             requests, features, right_paddings, ready_state_ids, keep_all_outputs)
 

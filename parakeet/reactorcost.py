@@ -60,9 +60,14 @@ class _IdleLoop:
         pass
 
 
-def _streams(n_messages):
+def _registry():
+    """A registry for one stream, and limits no measurement reaches."""
     registry = StreamRegistry(1, GEOMETRY, GEOMETRY.sample_rate, MemoryReactorClock())
-    limits = Limits(max_stream_seconds=1e9, max_backlog_seconds=1e9, idle_timeout=0)
+    return registry, Limits(max_stream_seconds=1e9, max_backlog_seconds=1e9, idle_timeout=0)
+
+
+def _streams(n_messages):
+    registry, limits = _registry()
     return registry, StreamLineFactory(registry, _IdleLoop(), limits, MemoryReactorClock())
 
 
@@ -103,8 +108,7 @@ def binary_cost(samples, n_messages):
 
 def _websocket():
     """A registry and the server's WebSocket protocol, its handshake done."""
-    registry = StreamRegistry(1, GEOMETRY, GEOMETRY.sample_rate, MemoryReactorClock())
-    limits = Limits(max_stream_seconds=1e9, max_backlog_seconds=1e9, idle_timeout=0)
+    registry, limits = _registry()
     factory = StreamWebSocketFactory(registry, _IdleLoop(), limits, MemoryReactorClock(),
                                      ping_interval=0)
     proto = factory.buildProtocol(None)

@@ -157,7 +157,7 @@ class SlotCaches(CacheAwareContextManager):
             raise ValueError("new caches are not in the batch's order")
         news = (new_context.cache_last_channel, new_context.cache_last_time,
                 new_context.cache_last_channel_len)
-        runs = _runs(slot_ids) if self._by_runs else None
+        runs = _runs(slot_ids) if run is None and self._by_runs else None
         index = None
         for (store, dim), new in zip(self._stores(), news):
             if run is not None and new.data_ptr() == store.narrow(dim, run.start, 1).data_ptr():
