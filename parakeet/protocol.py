@@ -254,7 +254,7 @@ class StreamSession:
         if self.stream.cutter.ready:
             self._chunk_ready()
         if not self._flushed():
-            self.loop.step()
+            self.loop.wake()
 
     def _chunk_ready(self):
         """The stream's next chunk has all its audio (a result's latency
@@ -303,9 +303,9 @@ class StreamSession:
             if stream.ready_at is None:
                 # This message completed a chunk.
                 stream.ready_at = self.registry.clock.seconds()
-            if not self.loop.busy:
-                # Start its step now rather than at the loop's next tick.
-                self.loop.step()
+            # Step on the reactor's next turn, with every chunk its reads
+            # complete, rather than at the loop's next tick.
+            self.loop.wake()
         if not self._backlogged and stream.cutter.buffered_samples > self._max_backlog:
             # Sent faster than it is decoded: read no more until it catches up.
             self._backlogged = True
@@ -318,7 +318,7 @@ class StreamSession:
                 self._idle = None
             self.stream.finish(reason)
             self._chunk_ready()
-            self.loop.step()
+            self.loop.wake()
 
     # decode loop events
 

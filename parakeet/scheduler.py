@@ -5,9 +5,10 @@ A step takes the next chunk of each stream whose audio for it has arrived
 (up to ``max_batch`` streams, least recently served first) and runs one
 batched engine step on the model thread, a dedicated one-thread pool.
 Results come back on the reactor thread.  At most one step is in flight.  A
-step starts when audio completes a chunk while the model is idle, and as
-soon as the step before it finishes; a ``LoopingCall`` tick is only the
-backstop.  It ticks every 100 ms: every wakeup of the reactor thread costs
+step starts on the reactor's turn after one in which audio completed a
+chunk while the model was idle (so that every chunk that turn's reads
+complete is in it), and as soon as the step before it finishes; a
+``LoopingCall`` tick is only the backstop.  It ticks every 100 ms: every wakeup of the reactor thread costs
 CPU that the model's threads would have had (at 10 ms, the ticks took a
 fifth of the reactor's CPU at 18 streams).
 """
@@ -41,6 +42,7 @@ class DecodeLoop(service.Service):
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._in_flight = None
+        self._wake = None
         self.steps = 0
 
     @property
@@ -58,6 +60,9 @@ class DecodeLoop(service.Service):
         service.Service.stopService(self)
         if self._loop.running:
             self._loop.stop()
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         while self._in_flight is not None:
             yield self._in_flight
         if self.pool is not None:
@@ -101,6 +106,17 @@ class DecodeLoop(service.Service):
             self.step()
         except Exception:
             self.log.failure("decode loop tick failed")
+
+    def wake(self):
+        """Step on the reactor's next turn, once it has handed on every read
+        of this one; any number of calls before then make one step."""
+        if self._wake is None and self._in_flight is None:
+            self._wake = self.reactor.callLater(0, self._woken)
+
+    def _woken(self):
+        self._wake = None
+        if self.running:
+            self._tick()
 
     def _collect(self):
         streams, chunks = [], []

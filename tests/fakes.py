@@ -80,5 +80,6 @@ class FakeLoop:
         self.steps = 0
         self.busy = False
 
-    def step(self):
-        self.steps += 1
+    def wake(self):
+        if not self.busy:
+            self.steps += 1

@@ -146,12 +146,13 @@ class StreamMetricsTests(MetricsCase):
         self.assertEqual(m("parakeet_errors_sent_total", kind="unknown_type"), 1)
         self.assertEqual(m("parakeet_errors_sent_total", kind="bad_audio"), 1)
 
-        # Two chunks of a, one of b: a step of both, then one of a alone.
+        # Two chunks of a, one of b, read in one turn of the reactor: a step
+        # of both, then one of a alone.
         a.message_received(audio_json(np.zeros(FIRST + CHUNK, np.float32)))
         b.message_received(audio_json(np.zeros(FIRST, np.float32)))
         self.clock.advance(0.01)
         self.clock.advance(0.01)
-        self.assertEqual(self.engine.batches, [[1], [2, 1]])
+        self.assertEqual(self.engine.batches, [[1, 2], [1]])
         m = self.scrape()
         self.assertEqual(m("parakeet_decode_step_seconds_count"), 2)
         self.assertEqual(m("parakeet_decode_batch_size_count"), 2)
@@ -185,7 +186,8 @@ class StreamMetricsTests(MetricsCase):
         self.held = []
         a, _ = self.session()
         b, _ = self.session()
-        a.message_received(audio_json(np.zeros(FIRST, np.float32)))  # step 1 starts
+        a.message_received(audio_json(np.zeros(FIRST, np.float32)))
+        self.clock.advance(0)  # step 1 starts on the reactor's next turn
         self.clock.advance(0.02)
         b.message_received(audio_json(np.zeros(FIRST, np.float32)))  # waits for it
         self.clock.advance(0.03)
@@ -219,6 +221,7 @@ class StreamMetricsTests(MetricsCase):
         self.held = []
         a, _ = self.session()
         a.message_received(audio_json(np.zeros(FIRST + 2 * CHUNK, np.float32)))
+        self.clock.advance(0)
         for _ in range(3):
             self.clock.advance(0.1)
             self.finish_held_step()
@@ -235,6 +238,7 @@ class StreamMetricsTests(MetricsCase):
         a.message_received(audio_json(np.zeros(500, np.float32)))
         self.clock.advance(1.0)
         a.message_received(audio_json(np.zeros(500, np.float32), final=True))
+        self.clock.advance(0)
         self.clock.advance(0.25)
         self.finish_held_step()
         m = self.scrape()
@@ -246,6 +250,7 @@ class StreamMetricsTests(MetricsCase):
         a, a_channel = self.session()
         self.failing = True
         a.message_received(audio_json(np.zeros(FIRST, np.float32), final=True))
+        self.clock.advance(0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         m = self.scrape()
         self.assertEqual(m("parakeet_streams_closed_total", reason="engine_error"), 1)
@@ -305,7 +310,8 @@ class StreamMetricsTests(MetricsCase):
         self.engine.abort = lambda stream_ids: None
         a, a_channel = self.session()
         b, b_channel = self.session()
-        a.message_received(audio_json(np.zeros(FIRST, np.float32)))  # a step in flight
+        a.message_received(audio_json(np.zeros(FIRST, np.float32)))
+        self.clock.advance(0)  # a step in flight
         drained = self.loop.drain(1.0)
         for _ in range(60):
             self.clock.advance(0.02)

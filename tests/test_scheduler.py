@@ -84,6 +84,16 @@ class DecodeLoopTests(unittest.TestCase):
         d, function, args = pending.pop()
         d.callback(function(*args))
 
+    def test_wakes_in_one_turn_make_one_step_on_the_next(self):
+        loop = self.loop()
+        a, b = self.open(2)
+        for stream in (a, b):
+            stream.push(np.zeros(1600, np.float32))
+            loop.wake()
+        self.assertEqual(self.engine.batches, [])
+        self.clock.advance(0)
+        self.assertEqual(self.engine.batches, [[1, 2]])
+
     def test_last_chunk_releases_the_stream(self):
         self.loop()
         (stream,) = self.open(1, seconds=0.3)
