@@ -53,10 +53,9 @@ class _NoModel:
 class _IdleLoop:
     """Stands in for the decode loop: chunks are cut, not decoded."""
 
-    busy = False
     engine = _NoModel()
 
-    def step(self):
+    def wake(self):
         pass
 
 
