@@ -202,6 +202,10 @@ class Engine:
             if tail.shape[1] < g.cache_frames:
                 tail = torch.cat([tail.new_zeros(self._n_features, g.cache_frames - tail.shape[1]), tail], 1)
             self._feature_cache[chunk.stream_id] = tail
+        if chunk.is_first and not self.pipeline.first_chunks_apart:
+            # As long as every later chunk's buffer, to share their batch.
+            width = g.cache_frames + g.chunk_frames
+            buffer = torch.cat([buffer, buffer.new_zeros(self._n_features, width - buffer.shape[1])], 1)
         return self._feature_buffer(
             features=buffer, stream_id=chunk.stream_id, is_first=chunk.is_first,
             is_last=chunk.is_last, length=cache_len + chunk.valid_frames,

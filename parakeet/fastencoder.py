@@ -73,6 +73,26 @@ _MEMO_SIZE = 8  # geometries remembered; a server sees two or three
 
 
 @attr.s(frozen=True)
+class RowDrops:
+    """A ``drop_extra_pre_encoded`` for a batch of chunks with and without
+    a pre-encode cache, their feature buffers padded to one length: row i
+    drops its first ``rows[i]`` pre-encoded frames, and every row keeps as
+    many as a row dropping ``regular`` does (the rest is padding).  Only the
+    accelerated encoder takes it."""
+
+    rows = attr.ib(converter=tuple)
+    regular = attr.ib()
+
+    def apply(self, x, length):
+        """x [B, T, D] and its lengths, each row cut to its own frames."""
+        n = x.size(1) - self.regular
+        drops = torch.tensor(self.rows, device=x.device)
+        frames = (drops.unsqueeze(1) + torch.arange(n, device=x.device)).unsqueeze(2)
+        x = x.gather(1, frames.expand(-1, -1, x.size(2)))
+        return x, (length - drops).clamp(min=0, max=n)
+
+
+@attr.s
 class Acceleration:
     """What :func:`accelerate` did: truthy when the streaming path is accelerated."""
 
@@ -323,6 +343,8 @@ class _StreamingStep:
         x, length = encoder.pre_encode(x=x, lengths=length)
         length = length.to(torch.int64)
         drop = encoder.streaming_cfg.drop_extra_pre_encoded
+        if isinstance(drop, RowDrops):
+            return drop.apply(x, length)
         if drop > 0:
             x = x[:, drop:, :]
             length = (length - drop).clamp(min=0)

@@ -56,7 +56,7 @@ from nemo.collections.asr.inference.pipelines.cache_aware_rnnt_pipeline import (
 )
 from nemo.collections.asr.inference.utils.context_manager import CacheAwareContext
 
-from .fastencoder import accelerate
+from .fastencoder import RowDrops, accelerate
 from .models import load_asr_model
 from .slots import SlotCaches
 
@@ -197,6 +197,11 @@ class ServingPipeline(CacheAwareRNNTPipeline):
         super().__init__(cfg, asr_model)
         self._drop_extra_pre_encoded = self.asr_model.drop_extra_pre_encoded
         self.emitted = {}
+        #: Whether streams' first chunks take an encoder call of their own.
+        #: The accelerated encoder drops pre-encoded frames row by row, so
+        #: with it (and the cache) they go with the others, their feature
+        #: buffers padded on the right to the others' length.
+        self.first_chunks_apart = True
 
     @classmethod
     def build(cls, cfg, chunk_ms=None, fast_encoder=True):
@@ -212,10 +217,13 @@ class ServingPipeline(CacheAwareRNNTPipeline):
             compute_dtype=cfg.asr.compute_dtype, use_amp=cfg.asr.use_amp)
         if chunk_ms is not None:
             cfg.streaming.att_context_size = att_context_for(asr, chunk_ms)
+        accelerated = False
         if fast_encoder:
             # NeMo's pipeline replaces a step's input caches by its output.
-            accelerate(asr.asr_model, caches_in_place=True)
-        return cls(cfg, asr)
+            accelerated = bool(accelerate(asr.asr_model, caches_in_place=True))
+        pipeline = cls(cfg, asr)
+        pipeline.first_chunks_apart = not (accelerated and pipeline.use_cache)
+        return pipeline
 
     def init_context_manager(self):
         self.context_manager = SlotCaches(
@@ -229,31 +237,37 @@ class ServingPipeline(CacheAwareRNNTPipeline):
 
     def transcribe_step_for_feature_buffers(self, fbuffers):
         self.emitted = {}
-        # First chunks drop no pre-encoded frames, so they are decoded apart;
-        # last chunks go with the others (ServingModel.execute_step).
+        # Last chunks go with the others (ServingModel.execute_step), and so
+        # do first chunks unless first_chunks_apart.
         groups = {}
         for fbuffer in fbuffers:
-            groups.setdefault(fbuffer.is_first, []).append(fbuffer)
+            groups.setdefault(self.first_chunks_apart and fbuffer.is_first, []).append(fbuffer)
         ready_state_ids = set()
         for group in groups.values():
-            any_last = any(f.is_last for f in group)
-            paddings = [f.size - f.valid_size for f in group] if any_last else None
+            paddings = [f.size - f.valid_size for f in group]
             self.cache_aware_transcribe_step(
-                group, [f.features for f in group], paddings, ready_state_ids,
-                keep_all_outputs=any_last)
+                group, [f.features for f in group], paddings if any(paddings) else None,
+                ready_state_ids, keep_all_outputs=any(f.is_last for f in group))
         if ready_state_ids:
             self.text_processor.process([self.get_state(s) for s in ready_state_ids])
 
     def cache_aware_transcribe_step(self, requests, features, right_paddings,
                                     ready_state_ids, keep_all_outputs=False):
-        # A first chunk carries no pre-encode cache, so no pre-encoded frames
-        # are dropped from it; groups never mix first and later chunks.
-        self.asr_model.drop_extra_pre_encoded = (
-            0 if requests[0].is_first else self._drop_extra_pre_encoded)
         # In slot order, so that the batch's caches are read and written as
         # views where its slots are consecutive.
         order = self.context_manager.order([r.stream_id for r in requests])
         requests = [requests[i] for i in order]
+        # A first chunk carries no pre-encode cache, so no pre-encoded frames
+        # are dropped from it.  Padded to the others' length, it is cut row
+        # by row.
+        regular = self._drop_extra_pre_encoded
+        if not any(r.is_first for r in requests):
+            drop = regular
+        elif self.first_chunks_apart:
+            drop = 0
+        else:
+            drop = RowDrops([0 if r.is_first else regular for r in requests], regular)
+        self.asr_model.drop_extra_pre_encoded = drop
         features = [features[i] for i in order]
         if right_paddings is not None:
             right_paddings = [right_paddings[i] for i in order]

@@ -95,9 +95,9 @@ class EngineTests(unittest.TestCase):
         for i in range(8):
             self.assertEqual(together[i], alone[i], "stream %d" % i)
 
-    def test_last_chunks_share_the_encoder_call(self):
-        """A step holding streams' last chunks beside others runs the encoder
-        once; a stream's first chunk still needs a call of its own."""
+    def test_first_and_last_chunks_share_the_encoder_call(self):
+        """A step holding streams' first and last chunks beside others runs
+        the encoder once."""
         encoder = self.engine.pipeline.asr_model.asr_model.encoder
         calls = []
         step = encoder.cache_aware_stream_step
@@ -107,22 +107,25 @@ class EngineTests(unittest.TestCase):
             return step(*args, **kwargs)
 
         self.patch(encoder, "cache_aware_stream_step", counted)
-        cutters = [ChunkCutter(60 + i, self.engine.geometry) for i in range(4)]
+        cutters = [ChunkCutter(60 + i, self.engine.geometry) for i in range(5)]
         for i, cutter in enumerate(cutters):
             cutter.push(speechlike(60 + i, 0.5 if i < 2 else 0.7))
-        for cutter in cutters:
+        for cutter in cutters[:4]:
             self.engine.step([cutter.next_chunk()])  # the first chunks
         for cutter in cutters[:2]:
             cutter.finish()
-        while not all(c.done for c in cutters[:2]):
+        while True:
             del calls[:]
-            chunks = [c for c in (cutter.next_chunk() for cutter in cutters) if c is not None]
-            self.engine.step(chunks)
-            if any(c.is_last for c in chunks) and not all(c.is_last for c in chunks):
+            chunks = [c for c in (cutter.next_chunk() for cutter in cutters[:4]) if c is not None]
+            if any(c.is_last for c in chunks):
+                # The fifth stream starts beside them.
+                chunks.append(cutters[4].next_chunk())
+                self.assertEqual({(c.is_first, c.is_last) for c in chunks},
+                                 {(True, False), (False, False), (False, True)})
+                self.engine.step(chunks)
                 self.assertEqual(calls, [len(chunks)])
                 break
-        else:
-            self.fail("no step held last chunks beside others")
+            self.engine.step(chunks)
         for cutter in cutters:
             cutter.finish()
             while not cutter.done:
