@@ -136,8 +136,9 @@ class Options(usage.Options):
         ("ceiling-model", None, None, "The served model's .nemo file: also time it "
          "in-process (parakeet.ceiling) at the same N before the load."),
         ("ceiling-device", None, "cpu", "PyTorch device for --ceiling-model."),
-        ("ceiling-seconds", None, 8.0, "Audio per stream for --ceiling-model, in "
-         "seconds.", positive(float)),
+        ("ceiling-seconds", None, None, "Audio per stream for --ceiling-model, in "
+         "seconds [default: --seconds]; its streams start as the load's do "
+         "(--stagger).", positive(float)),
         ("ceiling-precision", None, None, "Model arithmetic for --ceiling-model, as "
          "the server's --precision [default: the server's default]."),
         ("ceiling-threads", None, None, "torch CPU threads for --ceiling-model "
@@ -163,6 +164,8 @@ class Options(usage.Options):
                                        "the URL")
         if self["stagger"] is None:
             self["stagger"] = min(self["seconds"] / 4, 5.0)
+        if self["ceiling-seconds"] is None:
+            self["ceiling-seconds"] = self["seconds"]
         if self["audio"] and not os.path.isfile(self["audio"]):
             raise usage.UsageError("no such audio file: %s" % (self["audio"],))
         if self["ceiling-model"] and not os.path.isfile(self["ceiling-model"]):
@@ -837,8 +840,11 @@ class Ceiling:
     the engine can do with no sockets and no reactor."""
 
     def __init__(self, path, device, seconds, threads=None, precision=None,
-                 p95_ms=320.0, keep_up_ms=1000.0, message_ms=100):
+                 p95_ms=320.0, keep_up_ms=1000.0, message_ms=100, stagger=None):
+        """stagger: seconds over which the paced streams' starts spread
+        [default: as :func:`parakeet.ceiling.measure_paced` spreads them]."""
         self.p95_ms = p95_ms
+        self.stagger = stagger
         self.keep_up_ms = keep_up_ms
         self.message_ms = message_ms
         self.path = path
@@ -875,7 +881,7 @@ class Ceiling:
             result.update(steps=len(times), step_p50_ms=_ms(p50), step_p95_ms=_ms(p95),
                           fits=p95 < chunk)
         paced = ceiling.measure_paced(self.engine, n, self.seconds, self._next_id,
-                                      message_ms=self.message_ms)
+                                      stagger=self.stagger, message_ms=self.message_ms)
         self._next_id += n
         result["paced"] = ceiling.paced_summary(*paced, bound=self.p95_ms / 1000.0,
                                                 keep_up=self.keep_up_ms / 1000.0)
@@ -1124,7 +1130,7 @@ def _ceiling(reactor, options, say):
     ceiling = Ceiling(options["ceiling-model"], options["ceiling-device"],
                       options["ceiling-seconds"], options["ceiling-threads"],
                       options["ceiling-precision"], options["p95-ms"], options["keep-up-ms"],
-                      options["chunk-ms"])
+                      options["chunk-ms"], options["stagger"])
     pool = ThreadPool(1, 1, "bench-ceiling")
     pool.start()
     section = {"model": options["ceiling-model"], "device": options["ceiling-device"],

@@ -199,8 +199,9 @@ class ServingPipeline(CacheAwareRNNTPipeline):
         self.emitted = {}
         #: Whether streams' first chunks take an encoder call of their own.
         #: The accelerated encoder drops pre-encoded frames row by row, so
-        #: with it (and the cache) they go with the others, their feature
-        #: buffers padded on the right to the others' length.
+        #: with it (the cache on, subsampling causal) they go with the
+        #: others, their feature buffers padded on the right to the others'
+        #: length.
         self.first_chunks_apart = True
 
     @classmethod
@@ -222,7 +223,10 @@ class ServingPipeline(CacheAwareRNNTPipeline):
             # NeMo's pipeline replaces a step's input caches by its output.
             accelerated = bool(accelerate(asr.asr_model, caches_in_place=True))
         pipeline = cls(cfg, asr)
-        pipeline.first_chunks_apart = not (accelerated and pipeline.use_cache)
+        # Padding on the right reaches none of a first chunk's outputs only
+        # through causal subsampling (NeMo's streaming models have it).
+        causal = getattr(asr.asr_model.encoder.pre_encode, "is_causal", False)
+        pipeline.first_chunks_apart = not (accelerated and pipeline.use_cache and causal)
         return pipeline
 
     def init_context_manager(self):

@@ -8,9 +8,9 @@ Results come back on the reactor thread.  At most one step is in flight.  A
 step starts on the reactor's turn after one in which audio completed a
 chunk while the model was idle (so that every chunk that turn's reads
 complete is in it), and as soon as the step before it finishes; a
-``LoopingCall`` tick is only the backstop.  It ticks every 100 ms: every wakeup of the reactor thread costs
-CPU that the model's threads would have had (at 10 ms, the ticks took a
-fifth of the reactor's CPU at 18 streams).
+``LoopingCall`` tick is only the backstop.  It ticks every 100 ms: every
+wakeup of the reactor thread costs CPU that the model's threads would have
+had (at 10 ms, the ticks took a fifth of the reactor's CPU at 18 streams).
 """
 
 from twisted.application import service

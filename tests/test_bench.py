@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from parakeet import bench, cli
+from parakeet import ceiling as ceiling_module
 
 from .helpers import speechlike, tiny_model_path
 from .test_end_to_end import ServerTestMixin
@@ -197,6 +198,10 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(options.framing, "ws")
         self.assertTrue(options["target"].loopback)
         self.assertEqual(parse("--seconds", "8")["stagger"], 2.0)
+        # The ceiling's streams are as long as the load's unless told.
+        self.assertEqual(parse("--seconds", "8")["ceiling-seconds"], 8.0)
+        self.assertEqual(parse("--seconds", "8", "--ceiling-seconds", "3")["ceiling-seconds"],
+                         3.0)
 
     def test_targets(self):
         options = parse("--url", "tcp://example.com:8765", "--stagger", "0")
@@ -409,9 +414,17 @@ class BenchAgainstServerTests(ServerTestMixin, unittest.TestCase):
             return self.engine
 
         self.patch(bench, "load_engine", load_engine)
+        staggers, measure_paced = [], ceiling_module.measure_paced
+
+        def paced(*args, **kwargs):
+            staggers.append(kwargs["stagger"])
+            return measure_paced(*args, **kwargs)
+
+        self.patch(ceiling_module, "measure_paced", paced)
         report, text = yield self.run_bench(
             "--url", "ws://127.0.0.1:%d" % self.ports["WebSocket clients"],
             "--find-max", "--max-streams", "2", "--seconds", "1.5", "--pause", "0",
+            "--stagger", "0.25",
             "--p95-ms", "100000", "--keep-up-ms", "100000",
             "--ceiling-model", tiny_model_path(), "--ceiling-seconds", "2",
             "--ceiling-precision", "float32")
@@ -435,6 +448,8 @@ class BenchAgainstServerTests(ServerTestMixin, unittest.TestCase):
             # With bounds no run can miss, every probe passes.
             self.assertTrue(p["passed"])
         self.assertEqual(ceiling["max_streams"], 2)
+        # Its paced streams start as the load's do.
+        self.assertEqual(set(staggers), {0.25})
         self.assertIn(ceiling["lockstep_max_streams"], (0, 1, 2))
         self.assertEqual(report["find_max"]["ceiling_max_streams"], ceiling["max_streams"])
         self.assertTrue(report["summary"].startswith("bench: find-max ws max N="))
