@@ -840,10 +840,14 @@ class Ceiling:
     the engine can do with no sockets and no reactor."""
 
     def __init__(self, path, device, seconds, threads=None, precision=None,
-                 p95_ms=320.0, keep_up_ms=1000.0, message_ms=100, stagger=None):
+                 p95_ms=320.0, keep_up_ms=1000.0, message_ms=100, stagger=None,
+                 source=None):
         """stagger: seconds over which the paced streams' starts spread
-        [default: as :func:`parakeet.ceiling.measure_paced` spreads them]."""
+        [default: as :func:`parakeet.ceiling.measure_paced` spreads them];
+        source: the :class:`AudioSource` every stream decodes [default:
+        the replica's calibration audio]."""
         self.p95_ms = p95_ms
+        self.source = source
         self.stagger = stagger
         self.keep_up_ms = keep_up_ms
         self.message_ms = message_ms
@@ -871,7 +875,10 @@ class Ceiling:
             gc.collect()
             self.capacity = max(n, 16, 2 * self.capacity)
             self.engine = load_engine(self.path, self.device, self.capacity, self.precision)
-        times = ceiling.measure(self.engine, n, self.seconds, self._next_id)
+        audio = None
+        if self.source is not None:
+            audio = self.source.at_rate(self.engine.sample_rate).astype("float32")
+        times = ceiling.measure(self.engine, n, self.seconds, self._next_id, audio)
         self._next_id += n
         chunk = self.engine.geometry.chunk_seconds
         result = {"streams": n, "steps": 0, "step_p50_ms": None, "step_p95_ms": None,
@@ -881,7 +888,8 @@ class Ceiling:
             result.update(steps=len(times), step_p50_ms=_ms(p50), step_p95_ms=_ms(p95),
                           fits=p95 < chunk)
         paced = ceiling.measure_paced(self.engine, n, self.seconds, self._next_id,
-                                      stagger=self.stagger, message_ms=self.message_ms)
+                                      stagger=self.stagger, message_ms=self.message_ms,
+                                      audio=audio)
         self._next_id += n
         result["paced"] = ceiling.paced_summary(*paced, bound=self.p95_ms / 1000.0,
                                                 keep_up=self.keep_up_ms / 1000.0)
@@ -1058,7 +1066,7 @@ def bench(reactor, options, out=None, command=None):
     say("kept up:       " + report["definitions"]["kept_up"])
 
     if options["ceiling-model"]:
-        report["ceiling"] = yield _ceiling(reactor, options, say)
+        report["ceiling"] = yield _ceiling(reactor, options, say, source)
 
     say()
     say(TABLE_HEADER)
@@ -1121,16 +1129,17 @@ def bench(reactor, options, out=None, command=None):
 
 
 @defer.inlineCallbacks
-def _ceiling(reactor, options, say):
-    """Time the model in-process, before any load: at N, or its own max N.
-    As in the server, the steps run on a dedicated thread."""
+def _ceiling(reactor, options, say, source):
+    """Time the model in-process, before any load: at N, or its own max N,
+    every stream decoding source, as the load's streams send it.  As in the
+    server, the steps run on a dedicated thread."""
     from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
 
     ceiling = Ceiling(options["ceiling-model"], options["ceiling-device"],
                       options["ceiling-seconds"], options["ceiling-threads"],
                       options["ceiling-precision"], options["p95-ms"], options["keep-up-ms"],
-                      options["chunk-ms"], options["stagger"])
+                      options["chunk-ms"], options["stagger"], source)
     pool = ThreadPool(1, 1, "bench-ceiling")
     pool.start()
     section = {"model": options["ceiling-model"], "device": options["ceiling-device"],
@@ -1139,7 +1148,7 @@ def _ceiling(reactor, options, say):
                "probes": [], "max_streams": None}
     say()
     say("ceiling: %s driven in-process on %s in %s with %s torch threads "
-        "(parakeet.ceiling), the server idle"
+        "(parakeet.ceiling) on the load's audio, the server idle"
         % (options["ceiling-model"], options["ceiling-device"],
            options["ceiling-precision"] or "its default precision",
            options["ceiling-threads"] or "the default number of"))

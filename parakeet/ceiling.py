@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 from twisted.python import usage
 
 
@@ -48,15 +49,26 @@ def replica_path(arch, cache_dir):
     return path
 
 
-def measure(engine, n_streams, seconds, first_id):
-    """Per-step wall times (s) of n_streams decoded together, one chunk each."""
-    from .frontend import ChunkCutter
+def stream_audio(engine, i, seconds, audio=None):
+    """Stream i's audio: audio (samples at the engine's rate) looped or cut
+    to seconds, as the bench sends it to every stream; without it,
+    :func:`parakeet.replica.calibration_audio`."""
     from .replica import calibration_audio
+
+    if audio is None:
+        return calibration_audio(i, seconds)
+    return np.resize(audio, int(engine.sample_rate * seconds))
+
+
+def measure(engine, n_streams, seconds, first_id, audio=None):
+    """Per-step wall times (s) of n_streams decoded together, one chunk each
+    (audio: as :func:`stream_audio`)."""
+    from .frontend import ChunkCutter
 
     cutters = []
     for i in range(n_streams):
         cutter = ChunkCutter(first_id + i, engine.geometry)
-        cutter.push(calibration_audio(i, seconds))
+        cutter.push(stream_audio(engine, i, seconds, audio))
         cutter.finish()
         cutters.append(cutter)
     times = []
@@ -71,7 +83,7 @@ def measure(engine, n_streams, seconds, first_id):
 
 
 def measure_paced(engine, n_streams, seconds, first_id, stagger=None, message_ms=100,
-                  clock=time.perf_counter, sleep=time.sleep):
+                  clock=time.perf_counter, sleep=time.sleep, audio=None):
     """n_streams decoded as the server decodes them, with no sockets and no
     reactor: each stream's audio arrives in real time in message_ms pieces,
     the streams' starts spread evenly over stagger seconds (default: as
@@ -82,20 +94,19 @@ def measure_paced(engine, n_streams, seconds, first_id, stagger=None, message_ms
     the end of its step minus the arrival of the piece that completed its
     chunk, as the bench measures it over a socket; time to final is from the
     arrival of a stream's last piece to the end of the step of its last
-    chunk.
+    chunk.  audio: as :func:`stream_audio`.
     """
     from .frontend import ChunkCutter
-    from .replica import calibration_audio
 
     if stagger is None:
         stagger = min(seconds / 4, 5.0)
     piece = int(engine.sample_rate * message_ms / 1000)
     streams = []
     for i in range(n_streams):
-        audio = calibration_audio(i, seconds)
+        samples = stream_audio(engine, i, seconds, audio)
         streams.append({
             "cutter": ChunkCutter(first_id + i, engine.geometry),
-            "pieces": [audio[k:k + piece] for k in range(0, len(audio), piece)],
+            "pieces": [samples[k:k + piece] for k in range(0, len(samples), piece)],
             "start": stagger * i / n_streams, "sent": 0, "arrived": [], "served": 0})
     latencies, finals = [], []
     started = clock()

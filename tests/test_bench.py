@@ -414,10 +414,11 @@ class BenchAgainstServerTests(ServerTestMixin, unittest.TestCase):
             return self.engine
 
         self.patch(bench, "load_engine", load_engine)
-        staggers, measure_paced = [], ceiling_module.measure_paced
+        staggers, audios, measure_paced = [], [], ceiling_module.measure_paced
 
         def paced(*args, **kwargs):
             staggers.append(kwargs["stagger"])
+            audios.append(kwargs["audio"])
             return measure_paced(*args, **kwargs)
 
         self.patch(ceiling_module, "measure_paced", paced)
@@ -448,8 +449,11 @@ class BenchAgainstServerTests(ServerTestMixin, unittest.TestCase):
             # With bounds no run can miss, every probe passes.
             self.assertTrue(p["passed"])
         self.assertEqual(ceiling["max_streams"], 2)
-        # Its paced streams start as the load's do.
+        # Its paced streams start as the load's do, and decode its audio.
         self.assertEqual(set(staggers), {0.25})
+        sent = bench.synthesized_audio().at_rate(16000)
+        for audio in audios:
+            np.testing.assert_array_equal(audio, sent)
         self.assertIn(ceiling["lockstep_max_streams"], (0, 1, 2))
         self.assertEqual(report["find_max"]["ceiling_max_streams"], ceiling["max_streams"])
         self.assertTrue(report["summary"].startswith("bench: find-max ws max N="))

@@ -6,9 +6,11 @@ accounting, on the tiny replica with a clock the test drives.
 import io
 import sys
 
+import numpy as np
 from twisted.trial import unittest
 
 from parakeet import ceiling
+from parakeet.frontend import ChunkCutter
 
 from .helpers import assert_engine_idle, shared_tiny_engine, tiny_model_path
 
@@ -76,6 +78,21 @@ class PacedTests(unittest.TestCase):
         self.assertGreater(max(latencies), 0.15 + 1e-6)
         self.assertLessEqual(max(latencies), 0.3 + 1e-6)
         self.assertIn(2, clock.batches)
+
+    def test_streams_decode_the_audio_given(self):
+        audio = np.arange(4000, dtype=np.float32) / 4000
+        pushed = []
+        self.patch(ChunkCutter, "push", lambda cutter, samples: pushed.append(samples))
+        self.patch(ChunkCutter, "finish", lambda cutter: None)
+        # Cutters that never fill: measure reads each stream's audio, decodes nothing.
+        self.assertEqual(ceiling.measure(self.engine, 2, 0.6, 1, audio), [])
+        self.assertEqual([len(p) for p in pushed], [9600, 9600])
+        for samples in pushed:
+            np.testing.assert_array_equal(samples, np.resize(audio, 9600))
+        # Without it, each stream its own calibration audio.
+        del pushed[:]
+        ceiling.measure(self.engine, 2, 0.6, 1)
+        self.assertFalse(np.array_equal(pushed[0], pushed[1]))
 
     def test_summary(self):
         summary = ceiling.paced_summary([0.1, 0.2, 0.3], [0.25], bound=0.32, keep_up=1.0)
