@@ -10,12 +10,15 @@ exactly.
 
 import contextlib
 import copy
+import os
 
+import attr
 import torch
 from twisted.trial import unittest
 
 from parakeet import fastencoder
 from parakeet.engine import Engine
+from parakeet.replica import ARCHITECTURES, build_replica
 from parakeet.frontend import ChunkCutter
 
 from .helpers import (
@@ -137,6 +140,23 @@ def head_major(encoder, frames):
     return blocks.permute(0, 1, 3, 4, 2, 5).reshape(frames.shape)
 
 
+def assert_same_decoding(test, fast, stock, starts, seconds, seed):
+    """The accelerated engine fast decodes a schedule (as run_schedule) to
+    the tokens and encoder outputs of stock, NeMo's own step; the kinds of
+    chunk, (is_first, is_last), of each step."""
+    fast_tokens, fast_outputs, kinds = run_schedule(fast, starts, seconds, seed)
+    stock_tokens, stock_outputs, _ = run_schedule(stock, starts, seconds, seed)
+    test.assertEqual(fast_tokens, stock_tokens)
+    test.assertGreater(sum(map(len, stock_tokens)), 0)
+    test.assertEqual(len(fast_outputs), len(stock_outputs))
+    for fast_step, stock_step in zip(fast_outputs, stock_outputs):
+        test.assertEqual(sorted(fast_step), sorted(stock_step))
+        for stream_id in stock_step:
+            torch.testing.assert_close(fast_step[stream_id], stock_step[stream_id],
+                                       **TOLERANCE)
+    return kinds
+
+
 class EngineTests(unittest.TestCase):
     """The server's engine decodes the same with and without acceleration."""
 
@@ -158,16 +178,7 @@ class EngineTests(unittest.TestCase):
 
     def assertSameDecoding(self, starts, seconds, seed=0):
         """Returns the kinds of chunk, (is_first, is_last), of each step."""
-        fast_tokens, fast_outputs, kinds = run_schedule(self.fast, starts, seconds, seed)
-        stock_tokens, stock_outputs, _ = run_schedule(self.stock, starts, seconds, seed)
-        self.assertEqual(fast_tokens, stock_tokens)
-        self.assertGreater(sum(map(len, stock_tokens)), 0)
-        self.assertEqual(len(fast_outputs), len(stock_outputs))
-        for fast, stock in zip(fast_outputs, stock_outputs):
-            self.assertEqual(sorted(fast), sorted(stock))
-            for stream_id in stock:
-                torch.testing.assert_close(fast[stream_id], stock[stream_id], **TOLERANCE)
-        return kinds
+        return assert_same_decoding(self, self.fast, self.stock, starts, seconds, seed)
 
     def test_streams_starting_and_ending_at_different_times(self):
         kinds = self.assertSameDecoding([0, 0, 1, 2, 3], [1.2, 0.4, 0.9, 0.6, 1.0], seed=10)
@@ -339,6 +350,35 @@ class EncoderTests(unittest.TestCase):
         caches = stock.get_initial_cache_state(1)
         with self.assertRaises(ValueError):
             stream_steps(fast, batch=1, caches=caches)
+
+
+class LongChunkTests(unittest.TestCase):
+    """A tiny replica with 560 ms chunks (look-ahead 6: a first chunk of 49
+    feature frames, then 9 + 56): first chunks, padded to the others'
+    length, still decode beside them as NeMo's own step decodes them apart."""
+
+    def setUp(self):
+        if "long" not in _stock:
+            path = os.path.abspath("tiny-replica-560ms.nemo")
+            if not os.path.exists(path):
+                build_replica(attr.evolve(ARCHITECTURES["tiny"], att_context_size=(70, 6)),
+                              path)
+            _stock["long"] = tuple(
+                Engine.load(path, device="cpu", num_slots=8, batch_size=8, fast_encoder=fast)
+                for fast in (True, False))
+        self.fast, self.stock = _stock["long"]
+
+    def tearDown(self):
+        assert_engine_idle(self, self.fast)
+        assert_engine_idle(self, self.stock)
+
+    def test_first_chunks_beside_others(self):
+        self.assertFalse(self.fast.pipeline.first_chunks_apart)
+        self.assertEqual(self.fast.geometry.first_frames, 49)
+        kinds = assert_same_decoding(self, self.fast, self.stock, [0, 2, 5, 7],
+                                     [2.5, 2.0, 1.2, 0.3], seed=50)
+        self.assertTrue(any((True, False) in step and (False, False) in step
+                            for step in kinds))
 
 
 class OfflineTests(unittest.TestCase):
