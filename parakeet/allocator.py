@@ -1,6 +1,7 @@
 """
-How the server process keeps its memory: one malloc arena, and a garbage
-collector that leaves the loaded model alone.
+How the server process keeps its memory: one malloc arena, a garbage
+collector that leaves the loaded model alone, and a kernel cache that holds
+every shape the model runs.
 
 glibc gives threads that allocate concurrently arenas of their own, built of
 heaps that it shrinks, handing pages back to the kernel, whenever their top
@@ -19,6 +20,9 @@ import os
 
 #: glibc's mallopt parameter for the most arenas (malloc.h).
 M_ARENA_MAX = -8
+
+#: oneDNN kernels kept for reuse; its own default is 1024.
+KERNEL_CACHE_CAPACITY = 16384
 
 
 def use_one_arena():
@@ -48,3 +52,20 @@ def freeze_loaded_objects():
     collected as before."""
     gc.collect()
     gc.freeze()
+
+
+def keep_cpu_kernels(capacity=KERNEL_CACHE_CAPACITY):
+    """Let oneDNN, which runs torch's convolutions and (in bfloat16) matrix
+    products on the CPU, keep up to capacity compiled kernels instead of its
+    default 1024, unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` in the
+    environment says otherwise.  A kernel is compiled for one shape, and a
+    step's shapes follow its batch size: the small model needs some 60 per
+    batch size, so a server whose batches range over 1 to 40 streams needs
+    more than 2 000, and with 1024 it evicted and compiled them again all
+    the time (1 700 compilations, 0.6 s, in 20 s of 26 streams).  oneDNN
+    reads the setting when it first runs, so this must be called before
+    torch computes anything on the CPU.  True if set."""
+    if {"ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"} & set(os.environ):
+        return False
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
+    return True

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from twisted.logger import Logger
 
+from .allocator import keep_cpu_kernels
 from .frontend import ChunkGeometry
 from .models import PRECISIONS, quiet_nemo
 from .turns import piece_text
@@ -119,6 +120,8 @@ class Engine:
         from .pipeline import ServingPipeline, pipeline_config
 
         kind, index = parse_device(device)
+        if kind == "cpu":
+            keep_cpu_kernels()
         if precision is None:
             precision = "bfloat16" if kind == "cuda" else "float32"
         if precision not in PRECISIONS:

@@ -1,6 +1,7 @@
 """
-The server's threads share one malloc arena, and the garbage collector leaves
-the loaded model alone (``parakeet.allocator``).
+The server's threads share one malloc arena, the garbage collector leaves the
+loaded model alone, and oneDNN keeps a kernel for every shape
+(``parakeet.allocator``).
 """
 
 import os
@@ -10,7 +11,7 @@ import sys
 
 from twisted.trial import unittest
 
-from parakeet.allocator import use_one_arena
+from parakeet.allocator import keep_cpu_kernels, use_one_arena
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: glibc's malloc_info reports; with "one", asks for one arena first.
 COUNT_ARENAS = r"""
 import ctypes, sys, tempfile, threading
-from parakeet.allocator import use_one_arena
+from parakeet.allocator import keep_cpu_kernels, use_one_arena
 if sys.argv[1] == "one":
     assert use_one_arena()
 together = threading.Barrier(4)
@@ -98,3 +99,58 @@ class FreezeTests(unittest.TestCase):
         self.assertLess(int(seen), 5000)
         self.assertGreaterEqual(int(seen), 1000)
         self.assertEqual(collected, "True")
+
+
+#: Runs a convolution at `shapes` batch sizes, twice over, and prints how many
+#: oneDNN kernels each round compiled; with "keep", asks for a kernel cache
+#: of 16 first.
+KERNELS = r"""
+import sys
+from parakeet.allocator import keep_cpu_kernels
+if sys.argv[1] == "keep":
+    keep_cpu_kernels(16)
+import torch
+conv = torch.nn.Conv1d(8, 8, 3)
+with torch.inference_mode():
+    for _ in range(2):
+        for n in range(1, 41):
+            conv(torch.zeros(n, 8, 32))
+        print("round", flush=True)
+"""
+
+
+def compiled_per_round(mode, **environ):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")}
+    env.update(environ, PYTHONPATH=ROOT, ONEDNN_VERBOSE="profile_create")
+    out = subprocess.run([sys.executable, "-c", KERNELS, mode], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    rounds = out.split("round")[:2]
+    return [r.count("create:cache_miss") for r in rounds]
+
+
+class KernelCacheTests(unittest.TestCase):
+
+    def setUp(self):
+        import torch
+        if not torch.backends.mkldnn.is_available():
+            raise unittest.SkipTest("torch is built without oneDNN")
+
+    def test_cache_capacity_is_set_before_torch_computes(self):
+        # 40 batch sizes, two kernels each (the convolution and a reorder).
+        # oneDNN's own cache (1024) keeps them all, so the second round
+        # compiles nothing; the cache of 16 asked for evicts each kernel
+        # before its turn comes again, so the setting took effect.
+        first, second = compiled_per_round("default")
+        self.assertGreaterEqual(first, 40)
+        self.assertEqual(second, 0)
+        first, second = compiled_per_round("keep")
+        self.assertGreaterEqual(second, 40)
+        # The environment's capacity wins.
+        first, second = compiled_per_round("keep", ONEDNN_PRIMITIVE_CACHE_CAPACITY="256")
+        self.assertEqual(second, 0)
+
+    def test_environment_decides_when_it_says(self):
+        self.patch(os, "environ", dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY="4096"))
+        self.assertFalse(keep_cpu_kernels())
+        self.assertEqual(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], "4096")
