@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: glibc's malloc_info reports; with "one", asks for one arena first.
 COUNT_ARENAS = r"""
 import ctypes, sys, tempfile, threading
-from parakeet.allocator import keep_cpu_kernels, use_one_arena
+from parakeet.allocator import use_one_arena
 if sys.argv[1] == "one":
     assert use_one_arena()
 together = threading.Barrier(4)
@@ -101,9 +101,9 @@ class FreezeTests(unittest.TestCase):
         self.assertEqual(collected, "True")
 
 
-#: Runs a convolution at `shapes` batch sizes, twice over, and prints how many
-#: oneDNN kernels each round compiled; with "keep", asks for a kernel cache
-#: of 16 first.
+#: Runs a convolution at 40 batch sizes, twice over, marking the end of each
+#: round, with oneDNN reporting every kernel it compiles; with "keep", asks
+#: for a kernel cache of 16 first.
 KERNELS = r"""
 import sys
 from parakeet.allocator import keep_cpu_kernels
