@@ -24,6 +24,9 @@ M_ARENA_MAX = -8
 #: oneDNN kernels kept for reuse; its own default is 1024.
 KERNEL_CACHE_CAPACITY = 16384
 
+#: The environment variables oneDNN reads its kernel cache's capacity from.
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+
 
 def use_one_arena():
     """Make every thread allocate from the main arena, unless
@@ -65,7 +68,7 @@ def keep_cpu_kernels(capacity=KERNEL_CACHE_CAPACITY):
     the time (1 700 compilations, 0.6 s, in 20 s of 26 streams).  oneDNN
     reads the setting when it first runs, so this must be called before
     torch computes anything on the CPU.  True if set."""
-    if {"ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"} & set(os.environ):
+    if any(name in os.environ for name in KERNEL_CACHE_VARIABLES):
         return False
-    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
+    os.environ[KERNEL_CACHE_VARIABLES[0]] = str(capacity)
     return True

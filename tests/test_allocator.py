@@ -11,7 +11,7 @@ import sys
 
 from twisted.trial import unittest
 
-from parakeet.allocator import keep_cpu_kernels, use_one_arena
+from parakeet.allocator import KERNEL_CACHE_VARIABLES, keep_cpu_kernels, use_one_arena
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,8 +120,7 @@ with torch.inference_mode():
 
 
 def compiled_per_round(mode, **environ):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")}
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_VARIABLES}
     env.update(environ, PYTHONPATH=ROOT, ONEDNN_VERBOSE="profile_create")
     out = subprocess.run([sys.executable, "-c", KERNELS, mode], env=env, check=True,
                          capture_output=True, text=True, timeout=120).stdout
