@@ -60,8 +60,8 @@ def freeze_loaded_objects():
 def keep_cpu_kernels(capacity=KERNEL_CACHE_CAPACITY):
     """Let oneDNN, which runs torch's convolutions and (in bfloat16) matrix
     products on the CPU, keep up to capacity compiled kernels instead of its
-    default 1024, unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` in the
-    environment says otherwise.  A kernel is compiled for one shape, and a
+    default 1024, unless the environment sets that capacity (any of
+    :data:`KERNEL_CACHE_VARIABLES`).  A kernel is compiled for one shape, and a
     step's shapes follow its batch size: the small model needs some 60 per
     batch size, so a server whose batches range over 1 to 40 streams needs
     more than 2 000, and with 1024 it evicted and compiled them again all
