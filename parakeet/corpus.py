@@ -1,7 +1,8 @@
 """
 The demo model's domain: sentences a voice assistant hears (digits,
-numbers, times and commands), and their synthesis by espeak-ng in many
-voices, speeds and pitches, with silences and noise around them.
+numbers, times and commands) and text that breaks their templates, and
+sets of them read aloud (``parakeet.voices``) with silences around them,
+plain or through ``parakeet.augment``'s rooms, noises and channels.
 
 Used by ``tools/train_demo_model.py`` to build its corpus and by the tests
 to check what the demo model recognises.
@@ -10,11 +11,10 @@ to check what the demo model recognises.
 import json
 import os
 import random
-import shutil
-import subprocess
-import tempfile
 
 import attr
+
+from parakeet import augment, voices
 
 SAMPLE_RATE = 16000
 
@@ -133,107 +133,125 @@ def sentence(rng):
     return " ".join(rng.choice(_TEMPLATES)(rng).split())
 
 
-#: espeak-ng's English accents, and its voice variants.  The held-out
-#: variants never occur in training, so test voices are unseen voices.
-ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan",
-           "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029"]
-TRAIN_VARIANTS = ["m1", "m2", "m3", "m5", "m6", "m7", "f1", "f2", "f4", "f5",
-                  "klatt", "klatt3", "klatt4", "croak", "whisper", "Andy",
-                  "Annie", "Denis", "Gene", "Lee", "Mike", "Storm", "adam",
-                  "anika", "antonio", "aunty", "belinda", "benjamin", "boris",
-                  "caleb", "david", "edward", "grandma", "grandpa", "iven",
-                  "john", "linda", "max", "michel", "norbert", "paul",
-                  "pedro", "quincy", "rob", "robert", "steph", "travis", "zac"]
-HELDOUT_VARIANTS = ["m4", "f3", "klatt2", "Alicia", "Mario", "steph2", "iven3",
-                    "Jacky"]
+def _vocabulary():
+    """Every word the templates can say, in a fixed order."""
+    rng = random.Random(0)
+    words = set(_ONES + _TENS[2:] + ["hundred", "thousand", "and", "oh"])
+    for _ in range(20000):
+        words.update(sentence(rng).split())
+    return sorted(words)
 
 
-@attr.s(frozen=True)
-class Voice:
-    accent = attr.ib()
-    variant = attr.ib()
-    speed = attr.ib()    # words per minute
-    pitch = attr.ib()    # 0-99
-
-    @property
-    def name(self):
-        return "%s+%s" % (self.accent, self.variant)
-
-    def args(self):
-        return ["-v", self.name, "-s", str(self.speed), "-p", str(self.pitch)]
+#: The domain's words.
+VOCABULARY = _vocabulary()
 
 
-def random_voice(rng, variants):
-    return Voice(rng.choice(ACCENTS), rng.choice(variants),
-                 rng.randint(120, 210), rng.randint(20, 80))
+def digit_string(rng):
+    """1 to 12 digits, zero said as "zero" or, as people often do, "oh"."""
+    zero = rng.choice(["zero", "zero", "oh"])
+    return " ".join(zero if d == 0 else _ONES[d]
+                    for d in (rng.randint(0, 9) for _ in range(rng.randint(1, 12))))
+
+
+def _words(rng):
+    return " ".join(rng.choice(VOCABULARY) for _ in range(rng.randint(2, 8)))
+
+
+def _cut_short(rng):
+    words = sentence(rng).split()
+    return " ".join(words[:rng.randint(1, max(1, len(words) - 1))])
+
+
+#: Kinds of text, with their share of a training corpus: the templates'
+#: sentences, and text that breaks them, so that a model says what it heard
+#: rather than the nearest sentence it knows.
+TEXT_KINDS = (
+    ("sentence", 0.45, sentence),
+    ("words", 0.15, _words),
+    ("digits", 0.15, digit_string),
+    ("number", 0.10, _number),
+    ("word", 0.07, lambda r: r.choice(VOCABULARY)),
+    ("cut", 0.08, _cut_short),
+)
+
+
+def mixed_text(rng):
+    """Text of a kind drawn with TEXT_KINDS' shares."""
+    _, _, make = rng.choices(TEXT_KINDS, [share for _, share, _ in TEXT_KINDS])[0]
+    return " ".join(make(rng).split())
+
+
+def text_of_kind(kind):
+    """The text maker of one of TEXT_KINDS."""
+    return {name: make for name, _, make in TEXT_KINDS}[kind]
 
 
 def espeak_available():
-    return shutil.which("espeak-ng") is not None
+    return voices.available("espeak-ng")
 
 
-def synthesize(text, voice):
-    """Float32 mono speech at 16 kHz, with espeak-ng's own silences trimmed."""
-    import numpy as np
-    import soundfile
-    import soxr
-
-    with tempfile.TemporaryDirectory() as scratch:
-        path = os.path.join(scratch, "s.wav")
-        subprocess.run(["espeak-ng", "-w", path] + voice.args() + [text],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        audio, rate = soundfile.read(path, dtype="float32")
-    if audio.ndim > 1:
-        audio = audio.mean(axis=1)
-    audio = soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
-    loud = np.flatnonzero(np.abs(audio) > 0.01)
-    if len(loud):
-        audio = audio[loud[0]:loud[-1] + 1]
-    return audio
-
-
-def utterance(rng, text, voice, lead_s=(0.1, 0.8), trail_s=(0.4, 1.2)):
-    """(audio, speech start s, speech end s): text in voice with a random
-    gain, silence before and after, and noise at a random level."""
+def utterance(rng, text, speaker, lead_s=(0.1, 0.8), trail_s=(0.4, 1.2),
+              augmented=None, babble=()):
+    """(audio, speech start s, speech end s, effects): text read by speaker
+    with silence before and after.  Plain: at a random gain, with white
+    noise at a random level.  augmented (a numpy Generator): through
+    ``augment.voice`` and ``augment.scene``."""
     import numpy as np
 
-    speech = synthesize(text, voice)
+    speech = voices.speak(text, speaker)
+    effects = []
+    if augmented is not None:
+        speech, effects = augment.voice(speech, augmented)
     peak = float(np.abs(speech).max()) or 1.0
     speech = speech * (rng.uniform(0.2, 0.9) / peak)
     lead = int(rng.uniform(*lead_s) * SAMPLE_RATE)
     trail = int(rng.uniform(*trail_s) * SAMPLE_RATE)
     audio = np.concatenate([np.zeros(lead, np.float32), speech,
                             np.zeros(trail, np.float32)])
-    noise_level = rng.choice([0.0, 0.001, 0.003, 0.01, 0.02, 0.04])
-    if noise_level:
-        noise = np.random.default_rng(rng.randrange(2 ** 32)).standard_normal(len(audio))
-        audio = audio + noise_level * noise.astype(np.float32)
+    if augmented is not None:
+        audio, more = augment.scene(audio, augmented, babble)
+        effects += more
+    else:
+        noise_level = rng.choice([0.0, 0.001, 0.003, 0.01, 0.02, 0.04])
+        if noise_level:
+            noise = np.random.default_rng(rng.randrange(2 ** 32)).standard_normal(len(audio))
+            audio = audio + noise_level * noise.astype(np.float32)
     audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
-    return audio, lead / SAMPLE_RATE, (lead + len(speech)) / SAMPLE_RATE
+    return audio, lead / SAMPLE_RATE, (lead + len(speech)) / SAMPLE_RATE, effects
 
 
-def write_set(directory, count, variants, seed, eou=True, audio_format="wav"):
+def write_set(directory, count, pool, seed, eou=True, audio_format="wav",
+              text=sentence, augmented=False):
     """Synthesise count utterances into directory and write its NeMo
-    manifest (one JSON object a line: audio_filepath, duration, text, and
-    the speech start and end in seconds).  Returns the manifest's path."""
+    manifest (one JSON object a line: audio_filepath, duration, text, the
+    speech start and end in seconds, the speaker and the effects).  pool: a
+    ``voices.Pool`` to draw speakers from;
+    text: a function of a ``random.Random`` that makes a text.  Returns the
+    manifest's path."""
+    import numpy as np
     import soundfile
 
     rng = random.Random(seed)
+    effects_rng = np.random.default_rng(seed) if augmented else None
+    babble = []
     os.makedirs(directory, exist_ok=True)
     manifest = os.path.join(directory, "manifest.json")
     with open(manifest, "w") as out:
         for i in range(count):
-            text = sentence(rng)
-            voice = random_voice(rng, variants)
-            audio, start, end = utterance(rng, text, voice)
+            words = text(rng)
+            speaker = pool.draw(rng)
+            audio, start, end, effects = utterance(rng, words, speaker,
+                                                   augmented=effects_rng, babble=babble)
+            if augmented:
+                babble = (babble + [audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]])[-8:]
             path = os.path.join(directory, "%05d.%s" % (i, audio_format))
             soundfile.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
             out.write(json.dumps({
                 "audio_filepath": os.path.abspath(path),
                 "duration": round(len(audio) / SAMPLE_RATE, 4),
-                "text": text + EOU if eou else text,
+                "text": words + EOU if eou else words,
                 "speech_start": round(start, 4), "speech_end": round(end, 4),
-                "voice": voice.name, "speed": voice.speed, "pitch": voice.pitch,
+                "tts": attr.asdict(speaker), "effects": effects,
             }) + "\n")
     return manifest
 

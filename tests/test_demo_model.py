@@ -9,7 +9,9 @@ The held-out clips in tests/data/heldout were synthesised by
 demo model's training set (see tests/data/heldout/README).
 """
 
+import importlib
 import io
+import json
 import os
 import shutil
 import statistics
@@ -19,20 +21,42 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from parakeet import corpus
-from parakeet.models import BUILTIN_MODELS, DEMO_SAMPLE, DEMO_SAMPLE_TEXT, resolve_model
+from parakeet import corpus, voices
+from parakeet.models import (
+    BUILTIN_MODELS, DEMO_SAMPLE, DEMO_SAMPLE_TEXT, resolve_model, served_name)
 
 from .helpers import assert_engine_idle, offline_tokens
 from .test_end_to_end import ServerTestMixin
 from .test_engine import decode_together, stream_alone, tokens_of
 
-HELDOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "heldout")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+HELDOUT = os.path.join(DATA, "heldout")
+#: Voices of engines the demo model never heard: flite's rms and festival's
+#: ked (tests/data/heldout-engines/README).
+HELDOUT_ENGINES = os.path.join(DATA, "heldout-engines")
+#: Digit strings, numbers alone and single words, outside the templates.
+OUT_OF_TEMPLATE = os.path.join(DATA, "out-of-template")
 
-#: Bound on word error rate over the 16 held-out clips.  Measured 0.447
-#: (docs/demo-model.rst; 0.302 over the 200-utterance held-out set); the
+#: Bound on word error rate over the 16 held-out clips.  Measured 0.309
+#: (0.447 before the model heard other engines and augmented speech); the
 #: bound leaves room for arithmetic that differs across CPUs, not for a
 #: model or pipeline that recognises worse (random weights score about 1).
-WER_BOUND = 0.5
+WER_BOUND = 0.4
+#: Bounds on word error rate over the 16 clips of voices of engines never
+#: heard (flite rms, festival ked), over the 16 digit strings, numbers and
+#: single words, and over the recordings of people; and on the words heard
+#: in silence and noise.  Measured 0.414, 0.795, 0.286 (2 of 7 words) and 0
+#: (1, "you", in the evaluation's other pink noise); the model before:
+#: 0.724, 1.023, 1.0, and "switch on the fan" in silence.
+ENGINE_WER_BOUND = 0.5
+TEMPLATE_WER_BOUND = 0.9
+PEOPLE_WER_BOUND = 0.45
+NO_SPEECH_WORDS = 1
+#: Of the 11 digit strings and numbers out of template, those heard as
+#: anything but number words.  Measured 5 ("four five eight two" as "what
+#: time is it"); the model before: 9.
+NOT_A_NUMBER = 5
 #: Median distance between the end of speech and the frame where <EOU> is
 #: emitted, in ms.  Measured 597.
 EOU_BOUND_MS = 700
@@ -50,13 +74,13 @@ def demo_engine():
     return _demo["engine"]
 
 
-def heldout_clips():
-    """(audio, reference text, row) for each held-out clip."""
+def heldout_clips(folder=HELDOUT):
+    """(audio, reference text, row) for each clip of a held-out folder."""
     import soundfile
 
     clips = []
-    for row in corpus.read_manifest(os.path.join(HELDOUT, "manifest.json")):
-        audio, rate = soundfile.read(os.path.join(HELDOUT, row["audio_filepath"]),
+    for row in corpus.read_manifest(os.path.join(folder, "manifest.json")):
+        audio, rate = soundfile.read(os.path.join(folder, row["audio_filepath"]),
                                      dtype="float32")
         assert rate == corpus.SAMPLE_RATE
         clips.append((audio, row["text"].replace(corpus.EOU, ""), row))
@@ -78,6 +102,10 @@ class DemoModelTests(unittest.TestCase):
         self.assertTrue(os.path.isfile(DEMO_SAMPLE))
         # Other names pass through untouched.
         self.assertEqual(resolve_model("nvidia/x"), "nvidia/x")
+        # What a server serving each says in its hello.
+        self.assertEqual(served_name(resolve_model("demo")), "demo")
+        self.assertEqual(served_name("nvidia/x"), "nvidia/x")
+        self.assertEqual(served_name("/models/mine.nemo"), "mine.nemo")
 
     def test_offline_accuracy(self):
         pairs = [(text, self.engine.text_of(offline_tokens(self.engine, audio)[0]))
@@ -118,6 +146,60 @@ class DemoModelTests(unittest.TestCase):
             self.assertNotIn("EOU", self.engine.text_of(tokens))
         self.assertLessEqual(statistics.median(abs(d) for d in delays), EOU_BOUND_MS,
                              delays)
+
+
+#: Words a number or a digit string is said with.
+NUMBER_WORDS = frozenset(corpus.number_words(n) for n in range(20)) | frozenset(
+    corpus.number_words(n) for n in range(20, 100, 10)) | {"hundred", "thousand", "and", "oh"}
+
+
+class UnheardVoicesTests(unittest.TestCase):
+    """Voices of engines the demo model never heard, and text outside its
+    templates: it says what it heard, not a sentence it knows."""
+
+    def setUp(self):
+        self.engine = demo_engine()
+
+    def hear(self, clips):
+        return [(text, self.engine.text_of(offline_tokens(self.engine, audio)[0]))
+                for audio, text, _ in clips]
+
+    def test_heldout_engines(self):
+        pairs = self.hear(heldout_clips(HELDOUT_ENGINES))
+        self.assertLessEqual(corpus.word_error_rate(pairs), ENGINE_WER_BOUND, pairs)
+
+    def test_out_of_template(self):
+        pairs = self.hear(heldout_clips(OUT_OF_TEMPLATE))
+        self.assertLessEqual(corpus.word_error_rate(pairs), TEMPLATE_WER_BOUND, pairs)
+        # A digit string or a number is heard as number words, not as a
+        # sentence the model knows; nothing is heard as much longer than said.
+        numeric = [(text, heard) for text, heard in pairs if set(text.split()) <= NUMBER_WORDS]
+        self.assertEqual(len(numeric), 11)
+        not_numbers = [(text, heard) for text, heard in numeric
+                       if not set(heard.split()) <= NUMBER_WORDS]
+        self.assertLessEqual(len(not_numbers), NOT_A_NUMBER, not_numbers)
+        for text, heard in pairs:
+            self.assertLessEqual(len(heard.split()), len(text.split()) + 1, (text, heard))
+
+    def test_no_words_in_silence_or_noise(self):
+        # Silence and steady noise hold no words: a model that memorised its
+        # sentences fills them with one.
+        import numpy as np
+
+        sounds = tool(self, "evaluate_demo_model", synthesis=False).no_speech(
+            np.random.default_rng(1))
+        heard = [(name, self.engine.text_of(offline_tokens(self.engine, audio)[0]).split())
+                 for name, audio in sounds]
+        self.assertLessEqual(sum(len(words) for _, words in heard), NO_SPEECH_WORDS, heard)
+
+    def test_people(self):
+        # Recordings of people saying the domain's words, where Debian's
+        # pocketsphinx-testdata is installed (a smoke check: two clips).
+        clips = tool(self, "evaluate_demo_model", synthesis=False).human_clips()
+        if not clips:
+            raise unittest.SkipTest("pocketsphinx-testdata is not installed")
+        pairs = self.hear([(audio, text, None) for audio, text in clips])
+        self.assertLessEqual(corpus.word_error_rate(pairs), PEOPLE_WER_BOUND, pairs)
 
 
 class _ReducedPrecision:
@@ -163,11 +245,14 @@ class _ReducedPrecision:
 
 class BFloat16Tests(_ReducedPrecision, unittest.TestCase):
     """``--precision bfloat16`` on the CPU: the model really runs in bfloat16
-    (NeMo's wrapper would run it in float32).  (16 of 16 clips measured
-    equal to float32.)"""
+    (NeMo's wrapper would run it in float32).  (13 of 16 clips measured
+    equal to float32; streaming equal to offline on 15: on one, "the garden" is heard as "the bathroom" streaming
+    and as "the living room" offline, bfloat16's rounding differing between
+    a chunk's frames and the whole clip's.)"""
 
     precision = "bfloat16"
-    differing = 2
+    differing = 3
+    stream_differing = 1
 
     def test_runs_in_bfloat16(self):
         import torch
@@ -238,30 +323,74 @@ class TranscribeCommandTests(ServerTestMixin, unittest.TestCase):
         self.assertTrue(text.startswith(partials[-1]))
 
 
+def tool(test, name, synthesis=True):
+    """The script tools/NAME.py, imported; synthesis: skip test without
+    espeak-ng, which the script needs."""
+    if synthesis and not corpus.espeak_available():
+        raise unittest.SkipTest("espeak-ng is not installed")
+    sys.path.insert(0, TOOLS)
+    test.addCleanup(sys.path.remove, TOOLS)
+    return importlib.import_module(name)
+
+
+def scratch(test):
+    """A folder that is removed after test."""
+    work = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, work)
+    return work
+
+
+class EvaluationCommandTests(unittest.TestCase):
+    """tools/evaluate_demo_model.py on two clips a set."""
+
+    def test_report(self):
+        evaluate_demo_model = tool(self, "evaluate_demo_model")
+        work = scratch(self)
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        evaluate_demo_model.main(["--work", work, "--per-set", "2", "--json",
+                                  os.path.join(work, "report.json")])
+        with open(os.path.join(work, "report.json")) as f:
+            report = json.load(f)
+        names = set(report["sets"])
+        installed = [name for name, pool in voices.HELDOUT.items() if pool.installed().rows]
+        self.assertTrue({"held out: " + name for name in installed} <= names, names)
+        self.assertIn("out of template: digits", names)
+        for row in report["sets"].values():
+            self.assertEqual(row["clips"], 2)
+            self.assertTrue(0 <= row["wer"] <= 3)
+        self.assertEqual(set(report["conditions"]), set(evaluate_demo_model.CONDITIONS))
+        self.assertEqual(report["end_of_utterance"]["utterances"], 2 * len(installed))
+        self.assertEqual(report["no_speech"]["clips"], 5)
+        # The table: a line per set and condition.
+        text = out.getvalue()
+        for name in list(report["sets"]) + list(report["conditions"]) + ["no speech"]:
+            self.assertIn(name, text)
+        self.assertIn("<EOU> on held-out voices", text)
+
+
 class TrainingScriptTests(unittest.TestCase):
     """tools/train_demo_model.py, end to end on a handful of utterances."""
 
     def test_a_few_steps(self):
-        if not corpus.espeak_available():
-            raise unittest.SkipTest("espeak-ng is not installed")
-        tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "tools")
-        sys.path.insert(0, tools)
-        self.addCleanup(sys.path.remove, tools)
-        import train_demo_model
-
-        work = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, work)
+        train_demo_model = tool(self, "train_demo_model")
+        work = scratch(self)
         out = os.path.join(work, "demo.nemo")
         train_demo_model.main(["--work", work, "--out", out, "--utterances", "8",
                                "--heldout", "4", "--steps", "2", "--batch-size", "4",
                                "--processes", "1"])
-        self.assertEqual(len(corpus.read_manifest(os.path.join(work, "train.json"))), 8)
+        train = corpus.read_manifest(os.path.join(work, "train.json"))
+        self.assertEqual(len(train), 8)
+        self.assertTrue(all(r["text"].endswith(corpus.EOU) for r in train))
+        heard = {(engine, voice) for engine, names, _ in voices.TRAIN.rows for voice in names}
+        self.assertTrue(all((r["tts"]["engine"], r["tts"]["voice"]) in heard for r in train))
+        # Each held-out pool whose engine is installed gives --heldout clips,
+        # none of them read by a training voice.
+        pools = [p for p in voices.HELDOUT.values() if p.installed().rows]
         rows = corpus.read_manifest(os.path.join(work, "heldout.json"))
-        self.assertEqual(len(rows), 4)
+        self.assertEqual(len(rows), 4 * len(pools))
         self.assertTrue(all(r["text"].endswith(corpus.EOU) for r in rows))
-        self.assertTrue(all(r["voice"].split("+")[1] in corpus.HELDOUT_VARIANTS
-                            for r in rows))
+        self.assertFalse({(r["tts"]["engine"], r["tts"]["voice"]) for r in rows} & heard)
         # The result loads the way the server loads any model.
         from parakeet.engine import Engine
 

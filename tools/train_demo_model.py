@@ -1,11 +1,15 @@
 """
 Train the built-in demo model (``parakeet-server serve --model demo``).
 
-The corpus is synthesised with espeak-ng (``parakeet.corpus``): sentences of
-a voice-assistant domain read by many voices at many speeds and pitches,
-with silence and noise around them; every transcript ends with ``<EOU>`` so
-that the model learns to mark the end of an utterance.  Held-out voices
-(variants that never occur in training) make the test set.  The model is a
+The corpus (``parakeet.corpus``) is text of a voice-assistant domain, its
+sentences and text that breaks them (random word sequences, digit strings,
+numbers, single words, commands cut short), read aloud by four offline
+synthesisers in many voices and settings (``parakeet.voices``) and put
+through rooms, noise, microphones and telephones (``parakeet.augment``);
+every transcript ends with ``<EOU>`` so that the model learns to mark the
+end of an utterance.  Whole voices that never occur in training (flite's
+rms, festival's ked, espeak-ng's held-out variants) make the validation
+set.  The model is a
 small cache-aware FastConformer RNNT of the same family and streaming
 geometry as the small checkpoint (causal 8x dw_striding subsampling,
 chunked_limited attention with context [70, 1]: 160 ms chunks) with an
@@ -13,13 +17,11 @@ auxiliary CTC head, trained with nemo_toolkit's own training loop (its hybrid
 RNNT-CTC model; the transducer loss vectorised for CPUs,
 ``parakeet.transducer_loss``).
 
-Reproduce the shipped model (defaults; see docs/demo-model.rst for the
-measured wall time)::
-
-    python tools/train_demo_model.py --work /tmp/demo --out parakeet/data/demo.nemo
-
-Needs espeak-ng on PATH.  ``--utterances``, ``--steps`` and ``--batch-size``
-scale it down (the test suite runs a few steps on a handful of utterances).
+docs/demo-model.rst gives the commands that made the shipped model, with
+their wall times.  The synthesisers that are not installed are left out
+(espeak-ng, flite and festival from Debian; piper from the ``train``
+extra).  ``--utterances``, ``--steps`` and ``--batch-size`` scale it down
+(the test suite runs a few steps on a handful of utterances).
 """
 
 import argparse
@@ -30,9 +32,10 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 
-from parakeet import corpus  # noqa: E402
+from parakeet import corpus, voices  # noqa: E402
 from parakeet.transducer_loss import TransducerLoss  # noqa: E402
 from parakeet.replica import Architecture, model_config, train_tokenizer  # noqa: E402
 
@@ -44,32 +47,41 @@ DEMO = Architecture(
 
 
 def _write_shard(job):
-    directory, count, variants, seed = job
-    return corpus.write_set(directory, count, variants, seed)
+    directory, count, pool, seed, augmented = job
+    return corpus.write_set(directory, count, pool, seed, text=corpus.mixed_text,
+                            augmented=augmented)
 
 
 def synthesize_sets(work, utterances, heldout, seed, processes):
-    """Train and held-out sets under work, synthesised in parallel shards;
-    returns their manifests."""
+    """The training set (training voices, augmented) and the held-out set
+    (heldout utterances from each of ``voices.HELDOUT``'s pools, plain)
+    under work, synthesised in parallel shards; returns their manifests."""
+    jobs = {"train": [], "heldout": []}
+    train = voices.TRAIN.installed()
+    shards = max(1, min(processes * 4, utterances // 50 or 1))
+    for i in range(shards):
+        count = utterances // shards + (1 if i < utterances % shards else 0)
+        jobs["train"].append((os.path.join(work, "train", "shard%d" % i), count,
+                              train, seed + i, True))
+    for i, (name, pool) in enumerate(sorted(voices.HELDOUT.items())):
+        if pool.installed().rows:
+            jobs["heldout"].append((os.path.join(work, "heldout", "set%d" % i), heldout,
+                                    pool, seed + 1_000_000 + i, False))
+    if processes == 1:
+        # In this process: a fork of a process that holds threads (a test
+        # runner's, torch's) can hang.
+        parts = {name: list(map(_write_shard, shard_jobs)) for name, shard_jobs in jobs.items()}
+    else:
+        with multiprocessing.Pool(processes) as workers:
+            parts = {name: workers.map(_write_shard, shard_jobs, chunksize=1)
+                     for name, shard_jobs in jobs.items()}
     manifests = {}
-    for name, count, variants, base in (
-            ("train", utterances, corpus.TRAIN_VARIANTS, seed),
-            ("heldout", heldout, corpus.HELDOUT_VARIANTS, seed + 1_000_000)):
-        shards = max(1, min(processes, count // 50 or 1))
-        jobs = [(os.path.join(work, name, "shard%d" % i),
-                 count // shards + (1 if i < count % shards else 0), variants,
-                 base + i) for i in range(shards)]
-        if shards > 1:
-            with multiprocessing.Pool(shards) as pool:
-                parts = pool.map(_write_shard, jobs)
-        else:
-            parts = [_write_shard(jobs[0])]
-        manifest = os.path.join(work, name + ".json")
-        with open(manifest, "w") as out:
-            for part in parts:
+    for name, paths in parts.items():
+        manifests[name] = os.path.join(work, name + ".json")
+        with open(manifests[name], "w") as out:
+            for part in paths:
                 with open(part) as f:
                     out.write(f.read())
-        manifests[name] = manifest
     return manifests
 
 
@@ -110,7 +122,10 @@ def training_config(arch, tokenizer_dir, manifests, batch_size, steps, lr):
     return cfg
 
 
-def _progress_printer(every):
+def _progress_printer(every, snapshots=None):
+    """A callback that prints the loss every ``every`` steps and the
+    validation metrics, and after each validation saves the model under
+    snapshots (a folder), so that a run cut short can go on with --init."""
     import lightning.pytorch as pl
 
     class Progress(pl.Callback):
@@ -129,11 +144,14 @@ def _progress_printer(every):
             metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()
                        if k.startswith("val")}
             print("step %d validation %s" % (trainer.global_step, metrics), flush=True)
+            if snapshots and trainer.global_step:
+                os.makedirs(snapshots, exist_ok=True)
+                module.save_to(os.path.join(snapshots, "step%d.nemo" % trainer.global_step))
 
     return Progress()
 
 
-def train(cfg, steps, seed, val_every, init=None):
+def train(cfg, steps, seed, val_every, init=None, snapshots=None):
     """Train from cfg (from scratch, or from init's weights: a model this
     script wrote, trained further on cfg's data and schedule)."""
     import lightning.pytorch as pl
@@ -148,7 +166,7 @@ def train(cfg, steps, seed, val_every, init=None):
         enable_checkpointing=False, enable_progress_bar=False,
         log_every_n_steps=50, val_check_interval=min(val_every, steps),
         check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        gradient_clip_val=1.0, callbacks=[_progress_printer(25)])
+        gradient_clip_val=1.0, callbacks=[_progress_printer(25, snapshots)])
     if init is None:
         model = EncDecHybridRNNTCTCBPEModel(cfg=cfg, trainer=trainer)
     else:
@@ -167,72 +185,38 @@ def train(cfg, steps, seed, val_every, init=None):
     return model
 
 
-def _decode_streaming(engine, audios):
-    """Token ids the server's engine emits for each of audios, decoded as
-    concurrent streams, one chunk of each per step (the engine is
-    batch-invariant, so this is what each would get alone)."""
-    from parakeet.frontend import ChunkCutter
-
-    cutters = []
-    for i, audio in enumerate(audios):
-        cutter = ChunkCutter(i + 1, engine.geometry)
-        cutter.push(audio)
-        cutter.finish()
-        cutters.append(cutter)
-    tokens = [[] for _ in audios]
-    while True:
-        chunks = [c for c in (cutter.next_chunk() for cutter in cutters) if c is not None]
-        if not chunks:
-            return tokens
-        for result in engine.step(chunks):
-            tokens[result.stream_id - 1] += result.token_ids
-
-
 def evaluate(model_path, manifest, frame_ms=80):
-    """Held-out accuracy: WER offline and streaming, and where <EOU> lands."""
-    import statistics
-
+    """Held-out accuracy: WER offline and streaming, overall and per engine,
+    and where <EOU> lands.  (tools/evaluate_demo_model.py measures more.)"""
     import soundfile
 
+    from evaluate_demo_model import decode_streaming, end_of_utterance
     from parakeet.engine import Engine
 
     engine = Engine.load(model_path, device="cpu", num_slots=16, batch_size=16)
-    eou_id = engine.pipeline.asr_model.tokenizer.token_to_id(corpus.EOU)
     rows = corpus.read_manifest(manifest)
-    offline, streaming, errors_ms = [], [], []
-    identical = missing = extra = 0
     audios = [soundfile.read(row["audio_filepath"], dtype="float32")[0] for row in rows]
     lives = []
     for start in range(0, len(audios), 16):
-        lives += _decode_streaming(engine, audios[start:start + 16])
+        lives += decode_streaming(engine, audios[start:start + 16])
+    offline, streaming, by_engine = [], [], {}
+    identical = 0
     for row, audio, live in zip(rows, audios, lives):
         reference = row["text"].replace(corpus.EOU, "")
-        tokens, frames, _ = engine.decode_offline(audio)
+        tokens = engine.decode_offline(audio)[0]
         identical += live == tokens
         offline.append((reference, engine.text_of(tokens)))
         streaming.append((reference, engine.text_of(live)))
-        eou_frames = [f for t, f in zip(tokens, frames) if t == eou_id]
-        if not eou_frames:
-            missing += 1
-            continue
-        extra += len(eou_frames) - 1
-        # The frame's audio ends (f + 1) frames in; the look-ahead adds one.
-        heard_ms = (eou_frames[0] + 2) * frame_ms
-        errors_ms.append(heard_ms - 1000 * row["speech_end"])
+        by_engine.setdefault(row["tts"]["engine"], []).append(offline[-1])
     report = {
         "utterances": len(rows),
         "wer_offline": round(corpus.word_error_rate(offline), 4),
         "wer_streaming": round(corpus.word_error_rate(streaming), 4),
         "streaming_identical_to_offline": identical,
-        "eou_missing": missing, "eou_extra": extra,
+        "wer_by_engine": {name: round(corpus.word_error_rate(pairs), 4)
+                          for name, pairs in sorted(by_engine.items())},
+        "end_of_utterance": end_of_utterance(engine, rows, audios, frame_ms),
     }
-    if errors_ms:
-        absolute = sorted(abs(e) for e in errors_ms)
-        report.update({
-            "eou_delay_ms_median": round(statistics.median(errors_ms)),
-            "eou_abs_error_ms_median": round(statistics.median(absolute)),
-            "eou_abs_error_ms_p90": round(absolute[int(0.9 * (len(absolute) - 1))]),
-        })
     return report
 
 
@@ -242,7 +226,8 @@ def main(argv=None):
     parser.add_argument("--work", required=True, help="scratch directory for the corpus")
     parser.add_argument("--out", required=True, help="where to write the .nemo model")
     parser.add_argument("--utterances", type=int, default=4000, help="training utterances")
-    parser.add_argument("--heldout", type=int, default=200, help="held-out utterances")
+    parser.add_argument("--heldout", type=int, default=60,
+                        help="held-out utterances of each held-out voice set")
     parser.add_argument("--steps", type=int, default=2800, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
@@ -297,7 +282,8 @@ def main(argv=None):
                                     DEMO.vocab_size, sentences=texts)
     cfg = training_config(DEMO, tokenizer_dir, manifests, args.batch_size,
                           args.steps, args.lr)
-    model = train(cfg, args.steps, args.seed, args.val_every, args.init)
+    model = train(cfg, args.steps, args.seed, args.val_every, args.init,
+                  snapshots=os.path.join(args.work, "snapshots"))
     trained = time.time()
     model.eval()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,0 +1,252 @@
+"""
+How well the demo model hears: word error rate per held-out voice, on the
+voices it was trained on (with texts it never read), on text outside its
+templates (digit strings, numbers alone, single words), in noise and
+reverberation, over a telephone (8 kHz, G.711), and where it marks the end
+of an utterance; and, where Debian's pocketsphinx-testdata is installed, on
+its few recordings of people saying the domain's words.
+
+    python tools/evaluate_demo_model.py [--model parakeet/data/demo.nemo] [--work DIR]
+
+The evaluation sets are synthesised into --work on the first run (fixed
+seeds, none of them from a training voice but the "heard" rows) and reused
+after.  Prints one table; --json writes the numbers too.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from parakeet import augment, corpus, voices  # noqa: E402
+
+#: Recordings of people in Debian's pocketsphinx-testdata whose words are
+#: all the domain's: (file under its data folder, transcript).  The rest of
+#: its clips say card names and prose, which the demo model cannot know.
+HUMAN_DIR = "/usr/share/pocketsphinx/test/data"
+HUMAN_CLIPS = (("tidigits/dhd.2934z.raw", "two nine three four zero"),
+               ("cards/004.wav", "five five"))
+
+SEED = 7_000_000
+
+
+def _heldout_all():
+    return voices.Pool([row for pool in voices.HELDOUT.values() for row in pool.rows])
+
+
+def set_specs():
+    """(name, pool, text maker) of every synthesised evaluation set."""
+    specs = [("held out: " + name, pool, corpus.mixed_text)
+             for name, pool in sorted(voices.HELDOUT.items())]
+    for engine in voices.TRAIN.engines():
+        rows = [row for row in voices.TRAIN.rows if row[0] == engine]
+        specs.append(("heard: " + engine, voices.Pool(rows), corpus.sentence))
+    for kind in ("digits", "number", "word"):
+        specs.append(("out of template: " + kind, _heldout_all(), corpus.text_of_kind(kind)))
+    return specs
+
+
+def build_sets(work, per_set):
+    """{name: manifest rows} for the sets whose engines are installed,
+    synthesised into work unless already there."""
+    sets = {}
+    for i, (name, pool, text) in enumerate(set_specs()):
+        pool = pool.installed()
+        if not pool.rows:
+            continue
+        directory = os.path.join(work, "set%02d" % i)
+        manifest = os.path.join(directory, "manifest.json")
+        if not os.path.exists(manifest):
+            corpus.write_set(directory, per_set, pool, SEED + i, text=text)
+        sets[name] = corpus.read_manifest(manifest)
+    return sets
+
+
+#: Conditions put on the held-out voices' clips: name -> effect(audio, rng).
+CONDITIONS = {
+    "pink noise 10 dB": lambda a, r: augment.noise(a, r, snr=10, kind="pink")[0],
+    "babble 10 dB": lambda a, r: augment.noise(a, r, babble=_BABBLE, snr=10, kind="babble")[0],
+    "reverb rt60 0.6 s": lambda a, r: augment.reverberate(a, r, rt60=0.6)[0],
+    "reverb 0.6 s + pink 15 dB": lambda a, r: augment.noise(
+        augment.reverberate(a, r, rt60=0.6)[0], r, snr=15, kind="pink")[0],
+    "telephone 8 kHz u-law": lambda a, r: augment.telephone(a, law="mu")[0],
+    "telephone 8 kHz A-law": lambda a, r: augment.telephone(a, law="a")[0],
+}
+_BABBLE = []
+
+
+def no_speech(rng):
+    """(name, audio) of sounds with no words in them: what a model that
+    memorised sentences fills with one."""
+    silence = np.zeros(3 * 16000, np.float32)
+    quiet = np.full(len(silence), 0.3, np.float32)
+    return [("digital silence", silence)] + [
+        ("%s noise" % kind, augment.noise(quiet, rng, snr=30 - level, kind=kind)[0] - quiet)
+        for kind, level in (("white", 0), ("pink", 10), ("brown", 20), ("hum", 10))]
+
+
+def _read(row):
+    import soundfile
+
+    return soundfile.read(row["audio_filepath"], dtype="float32")[0]
+
+
+def decode_streaming(engine, audios):
+    """Token ids the server's engine emits for each of audios, decoded as
+    concurrent streams, one chunk of each per step."""
+    from parakeet.frontend import ChunkCutter
+
+    cutters = []
+    for i, audio in enumerate(audios):
+        cutter = ChunkCutter(i + 1, engine.geometry)
+        cutter.push(audio)
+        cutter.finish()
+        cutters.append(cutter)
+    tokens = [[] for _ in audios]
+    while True:
+        chunks = [c for c in (cutter.next_chunk() for cutter in cutters) if c is not None]
+        if not chunks:
+            return tokens
+        for result in engine.step(chunks):
+            tokens[result.stream_id - 1] += result.token_ids
+
+
+def _score(engine, audios, texts, streaming=False):
+    hyps = [engine.text_of(engine.decode_offline(a)[0]) for a in audios]
+    row = {"clips": len(audios), "words": sum(len(t.split()) for t in texts),
+           "wer": round(corpus.word_error_rate(zip(texts, hyps)), 4),
+           "examples": [[t, h] for t, h in zip(texts, hyps) if t != h][:3]}
+    if streaming:
+        live = []
+        for start in range(0, len(audios), 16):
+            live += decode_streaming(engine, audios[start:start + 16])
+        offline = [engine.decode_offline(a)[0] for a in audios]
+        row["streaming_identical"] = sum(a == b for a, b in zip(live, offline))
+    return row
+
+
+def end_of_utterance(engine, rows, audios, frame_ms=80):
+    eou = engine.pipeline.asr_model.tokenizer.token_to_id(corpus.EOU)
+    delays, missing, extra = [], 0, 0
+    for row, audio in zip(rows, audios):
+        tokens, frames, _ = engine.decode_offline(audio)
+        at = [f for t, f in zip(tokens, frames) if t == eou]
+        if not at:
+            missing += 1
+            continue
+        extra += len(at) - 1
+        # The frame's audio ends (f + 1) frames in; the look-ahead adds one.
+        delays.append((at[0] + 2) * frame_ms - 1000 * row["speech_end"])
+    absolute = sorted(abs(d) for d in delays)
+    return {"utterances": len(rows), "missing": missing, "extra": extra,
+            "delay_ms_median": round(statistics.median(delays)) if delays else None,
+            "abs_error_ms_p90": absolute[int(0.9 * (len(absolute) - 1))] if delays else None}
+
+
+def human_clips():
+    """(audio, transcript) of HUMAN_CLIPS that are installed."""
+    import numpy as np
+    import soundfile
+
+    clips = []
+    for name, text in HUMAN_CLIPS:
+        path = os.path.join(HUMAN_DIR, name)
+        if not os.path.exists(path):
+            continue
+        if path.endswith(".raw"):
+            audio = np.fromfile(path, dtype="<i2").astype(np.float32) / 32768
+        else:
+            audio, rate = soundfile.read(path, dtype="float32")
+            assert rate == corpus.SAMPLE_RATE
+        clips.append((audio, text))
+    return clips
+
+
+def evaluate(model, work, per_set=60):
+    from parakeet.engine import Engine
+
+    engine = Engine.load(model, device="cpu", num_slots=16, batch_size=16)
+    sets = build_sets(work, per_set)
+    report = {"sets": {}, "conditions": {}}
+    heldout_rows, heldout_audio = [], []
+    for name, rows in sets.items():
+        audios = [_read(r) for r in rows]
+        texts = [r["text"].replace(corpus.EOU, "") for r in rows]
+        report["sets"][name] = _score(engine, audios, texts,
+                                      streaming=name.startswith("held out"))
+        if name.startswith("held out"):
+            heldout_rows += rows
+            heldout_audio += audios
+    texts = [r["text"].replace(corpus.EOU, "") for r in heldout_rows]
+    _BABBLE[:] = [a[int(r["speech_start"] * 16000):int(r["speech_end"] * 16000)]
+                  for r, a in zip(heldout_rows[::-1], heldout_audio[::-1])][:8]
+    rng = np.random.default_rng(SEED)
+    for name, effect in CONDITIONS.items():
+        audios = [effect(a, rng) for a in heldout_audio]
+        report["conditions"][name] = _score(engine, audios, texts)
+    report["end_of_utterance"] = end_of_utterance(engine, heldout_rows, heldout_audio)
+    sounds = no_speech(rng)
+    heard = [engine.text_of(engine.decode_offline(audio)[0]).split() for _, audio in sounds]
+    report["no_speech"] = {"clips": len(sounds), "words": sum(map(len, heard)),
+                           "examples": [[name, " ".join(words)] for (name, _), words
+                                        in zip(sounds, heard) if words]}
+    human = human_clips()
+    if human:
+        report["human"] = _score(engine, [a for a, _ in human], [t for _, t in human])
+    return report
+
+
+def print_report(report, out=None):
+    out = out or sys.stdout
+
+    def line(name, row):
+        extra = ""
+        if "streaming_identical" in row:
+            extra = "  streaming = offline on %d" % row["streaming_identical"]
+        out.write("%-34s %5d %6d  %6.3f%s\n" % (name, row["clips"], row["words"],
+                                                 row["wer"], extra))
+
+    out.write("%-34s %5s %6s  %6s\n" % ("set", "clips", "words", "WER"))
+    for name, row in report["sets"].items():
+        line(name, row)
+    for name, row in report["conditions"].items():
+        line("held out, " + name, row)
+    if "human" in report:
+        line("people (pocketsphinx-testdata)", report["human"])
+    quiet = report["no_speech"]
+    out.write("%-34s %5d %6s  %d words heard\n" % ("no speech (silence, noise)", quiet["clips"],
+                                                  "", quiet["words"]))
+    eou = report["end_of_utterance"]
+    out.write("<EOU> on held-out voices: missing %d, extra %d of %d; median delay %s ms "
+              "after speech, 90th percentile |error| %s ms\n" % (
+                  eou["missing"], eou["extra"], eou["utterances"], eou["delay_ms_median"],
+                  eou["abs_error_ms_p90"]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--model", default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "parakeet", "data", "demo.nemo"))
+    parser.add_argument("--work", default=os.path.expanduser(
+        "~/.cache/parakeet-server/demo-evaluation"), help="where the sets are synthesised")
+    parser.add_argument("--per-set", type=int, default=60, help="clips per set")
+    parser.add_argument("--json", help="also write the report here")
+    args = parser.parse_args(argv)
+
+    from parakeet.models import quiet_nemo
+
+    quiet_nemo()
+    report = evaluate(args.model, args.work, args.per_set)
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
