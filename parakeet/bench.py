@@ -39,6 +39,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 
+from .options import CommandOptions
 from .tap import not_negative, positive
 from .transports import send_at_once, skip_debug_formatting
 
@@ -101,7 +102,7 @@ class Target:
             return False
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     synopsis = "--url ws://HOST:PORT [options]"
     longdesc = ("Load a running server with N concurrent real-time streams and report "
                 "result latency, how many streams kept up, and the server's CPU and "
@@ -295,6 +296,10 @@ def read_audio_file(path):
     AudioSource; several channels are averaged."""
     import numpy as np
 
+    # libsndfile says "System error." for a file that is missing, a folder
+    # or unreadable; the OS says which, in words.
+    with open(path, "rb"):
+        pass
     try:
         import soundfile
     except ImportError:

@@ -149,8 +149,12 @@ def encode(message):
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def hello(stream_id, sample_rate):
-    return {"type": "hello", "stream_id": stream_id, "sample_rate": sample_rate}
+def hello(stream_id, sample_rate, model=None):
+    """model: the name of the model served (``models.served_name``), if known."""
+    message = {"type": "hello", "stream_id": stream_id, "sample_rate": sample_rate}
+    if model is not None:
+        message["model"] = model
+    return message
 
 
 def result(stream_id, text, token_ids, confidences, is_final, audio_ms, turn=None):

@@ -38,6 +38,15 @@ def quiet_nemo():
     nemo_logging.setLevel(logging.ERROR)
 
 
+def served_name(model_name):
+    """What the server calls the model it loaded from model_name: a built-in
+    model's name ("demo"), else the Hugging Face id or the file's name."""
+    for name, path in BUILTIN_MODELS.items():
+        if model_name == path:
+            return name
+    return os.path.basename(model_name) if _is_path(model_name) else model_name
+
+
 class ModelUnavailable(Exception):
     """The checkpoint can be neither found locally nor downloaded."""
 
@@ -64,8 +73,9 @@ def unavailable_message(name, cause):
     return (
         "cannot load model %s: it is not in the Hugging Face cache (%s) and could "
         "not be downloaded (%s). Run once with internet access to cache it, point "
-        "HF_HOME or HF_HUB_CACHE at a cache that holds it, or pass "
-        "--model /path/to/model.nemo." % (name, hub, cause))
+        "HF_HOME or HF_HUB_CACHE at a cache that holds it, pass "
+        "--model /path/to/model.nemo, or serve the built-in demo model, which "
+        "needs no download: --model demo." % (name, hub, cause))
 
 
 def load_asr_model(name, map_location):

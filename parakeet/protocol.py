@@ -117,7 +117,8 @@ class StreamSession:
         engine = self.loop.engine
         self.turns = TurnTracker(self.limits.turns, engine.frame_ms, engine.eou_id,
                                  engine.vad is not None)
-        self.channel.send(messages.hello(self.stream.id, self.stream.input_rate))
+        self.channel.send(messages.hello(self.stream.id, self.stream.input_rate,
+                                         self.registry.model))
         if self.limits.idle_timeout:
             self._idle = self.registry.clock.callLater(self.limits.idle_timeout,
                                                        self._idle_timeout)

@@ -125,6 +125,8 @@ class StreamRegistry:
         self.geometry = geometry
         self.input_rate = input_rate
         self.clock = clock
+        #: The name of the model served, said in each hello once it is known.
+        self.model = None
         self._streams = OrderedDict()
         self._next_id = 1
         self.opened = 0

@@ -13,7 +13,8 @@ from twisted.python import failure, usage
 
 from . import __version__
 from .audio import MAX_RATE, MIN_RATE
-from .models import MODEL_SIZES, PRECISIONS
+from .models import MODEL_SIZES, PRECISIONS, served_name
+from .options import CommandOptions
 
 log = Logger()
 
@@ -99,7 +100,7 @@ def _listen_option(kind):
     return opt
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     synopsis = "[options]"
     longdesc = ("Serve streaming speech recognition to TCP (newline-delimited "
                 "JSON) and WebSocket clients with an NVIDIA cache-aware streaming "
@@ -176,7 +177,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self):
-        usage.Options.__init__(self)
+        CommandOptions.__init__(self)
         for kind in LISTENERS:
             self[_listen_flag(kind)] = []
 
@@ -365,6 +366,7 @@ class ServerService(service.MultiService):
         self.loop.setServiceParent(self)
         self.metrics.attach(self.registry, self.loop, engine)
         self.registry.geometry = engine.geometry
+        self.registry.model = served_name(engine.model_name)
         self.health.loaded = True
         log.info("ready: serving {model} on {device} in {precision}: {chunk_ms:.0f} ms "
                  "chunks, {rate} Hz model audio", model=engine.model_name,

@@ -19,7 +19,10 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from .audio import MAX_RATE, MIN_RATE
+from .messages import LOADING
 from .models import DEMO_SAMPLE
+from .options import CommandOptions
+from .tap import not_negative
 
 #: Audio per message, in seconds.
 PIECE_SECONDS = 0.1
@@ -31,6 +34,9 @@ LONG_FILE_SECONDS = 10.0
 EXIT_UNREADABLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 NAME = "parakeet-server transcribe"
+
+#: What is printed for a stream in which no words were recognised.
+NOTHING_HEARD = "(no speech recognised)"
 
 
 class TranscribeError(Exception):
@@ -44,7 +50,7 @@ def _speed(value):
     return speed
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     synopsis = "[options] [FILE...]"
     longdesc = ("Stream each FILE (WAV, FLAC, MP3, or anything else libsndfile reads; "
                 "any sample rate, several channels mixed down; default: the demo "
@@ -63,6 +69,8 @@ class Options(usage.Options):
          "certificate (wss:// and tls://), instead of the system's authorities."),
         ("speed", None, None, "Send audio this many times faster than real time.",
          _speed),
+        ("wait", None, 60.0, "Seconds to keep trying while the server is starting "
+         "(not listening yet, or still loading its model); 0: fail at once.", not_negative(float)),
     ]
     optFlags = [
         ("realtime", None, "Send audio paced at real time, as a live source would "
@@ -125,26 +133,68 @@ def _connect(reactor, url, token=None, trust=None):
         return defer.fail(TranscribeError("%s: %s" % (url, e)))
 
 
+def _starting(error):
+    """Whether a failed attempt says the server is starting: not listening
+    yet, or still loading its model."""
+    from twisted.internet.error import ConnectionRefusedError
+
+    return isinstance(error, ConnectionRefusedError) or str(error) == LOADING
+
+
+@defer.inlineCallbacks
+def _open(reactor, url, token, trust, wait, on_wait):
+    """A connected client and the server's hello, trying again for up to
+    wait seconds while the server is starting (on_wait is told once)."""
+    deadline = reactor.seconds() + wait
+    told = False
+    while True:
+        try:
+            client = yield _connect(reactor, url, token, trust)
+        except TranscribeError:
+            raise
+        except Exception as e:
+            failure = e
+        else:
+            try:
+                first = yield client.next(lambda m: m.get("type") in ("hello", "error"))
+            except ConnectionDone:
+                raise TranscribeError("the server closed the connection before saying hello")
+            if first["type"] == "hello":
+                return client, first
+            if not client.closed.called:
+                client.disconnect()
+            yield client.closed
+            failure = first["message"]
+        if not _starting(failure) or reactor.seconds() + 0.5 > deadline:
+            raise TranscribeError(
+                "the server says: %s" % (failure,) if isinstance(failure, str)
+                else "cannot connect to %s: %s" % (url, _one_line(failure)))
+        if not told and on_wait is not None:
+            on_wait("waiting up to %.0f s for the server at %s to start..." % (wait, url))
+            told = True
+        yield task.deferLater(reactor, 0.5, lambda: None)
+
+
 @defer.inlineCallbacks
 def stream(reactor, url, source, pace=1.0, token=None, trust=None, on_message=None,
-           on_progress=None):
+           on_progress=None, wait=0.0, on_wait=None, on_hello=None):
     """Stream source (a bench.AudioSource) to the server at url.
 
     pace: times real time, or None to send as fast as the server reads.
     on_message: called with each message from the server;
     on_progress: with the seconds of audio sent so far.
+    wait: seconds to keep trying while the server is starting (refusing
+    connections, or still loading its model); on_wait: told in one line
+    when waiting starts; on_hello: called with the server's hello.
     Fires with the final result, or fails with TranscribeError.
     """
-    try:
-        client = yield _connect(reactor, url, token, trust)
-    except TranscribeError:
-        raise
-    except Exception as e:
-        raise TranscribeError("cannot connect to %s: %s" % (url, _one_line(e)))
+    client, hello = yield _open(reactor, url, token, trust, wait, on_wait)
+    if on_hello is not None:
+        on_hello(hello)
     if on_message is not None:
         client.on_message = on_message
     try:
-        final = yield _send(reactor, client, source, pace, on_progress)
+        final = yield _send(reactor, client, hello, source, pace, on_progress)
     finally:
         if not client.closed.called:
             client.disconnect()
@@ -153,22 +203,16 @@ def stream(reactor, url, source, pace=1.0, token=None, trust=None, on_message=No
 
 
 @defer.inlineCallbacks
-def _send(reactor, client, source, pace, on_progress):
-    try:
-        first = yield client.next(lambda m: m.get("type") in ("hello", "error"))
-    except ConnectionDone:
-        raise TranscribeError("the server closed the connection before saying hello")
-    if first["type"] == "error":
-        raise TranscribeError("the server says: %s" % (first["message"],))
+def _send(reactor, client, hello, source, pace, on_progress):
     # The server resamples whatever rate it is told; rates it does not take
     # are converted here, to its own.
     rate = source.rate
     if MIN_RATE <= rate <= MAX_RATE:
         samples = source.samples
-        if rate != int(first["sample_rate"]):
+        if rate != int(hello["sample_rate"]):
             client.send({"type": "config", "sample_rate": rate})
     else:
-        rate = int(first["sample_rate"])
+        rate = int(hello["sample_rate"])
         samples = source.at_rate(rate)
     piece = max(1, int(round(rate * PIECE_SECONDS)))
     count = max(1, -(-len(samples) // piece))
@@ -301,10 +345,17 @@ class Console:
 
     def finished(self, final):
         """The stream's final result has come (its utterance, if any, is shown)."""
-        if not self.printed and final["text"].strip():
+        if not self.printed:
             # A server without turn detection: the whole transcript, untimed.
-            self.line(final["text"].strip())
+            self.line(final["text"].strip() or NOTHING_HEARD)
         self.clear()
+
+    def notice(self, text):
+        """Tell the user something on err, in one line."""
+        self._erase()
+        self.err.write(text + "\n")
+        self.err.flush()
+        self._draw(force=True)
 
     def line(self, text):
         """Print a line on out, under the live line."""
@@ -366,14 +417,16 @@ def transcribe_files(reactor, options, out, err, read=None):
             source = read(path)
         except (OSError, ValueError, RuntimeError) as e:
             console.clear()
-            err.write("%s: cannot read %s: %s\n" % (NAME, path, _one_line(e)))
+            reason = e.strerror.lower() if isinstance(e, OSError) and e.strerror else _one_line(e)
+            err.write("%s: cannot read %s: %s\n" % (NAME, path, reason))
             status = status or EXIT_UNREADABLE
             continue
         console.begin(path, source.seconds, header=len(files) > 1)
         try:
             final = yield stream(reactor, options["url"], source, options["pace"],
                                  options["token"], options["trust"],
-                                 on_message=console.message, on_progress=console.progress)
+                                 on_message=console.message, on_progress=console.progress,
+                                 wait=options["wait"], on_wait=console.notice)
         except TranscribeError as e:
             console.clear()
             err.write("%s: %s: %s\n" % (NAME, path, e))
@@ -429,5 +482,5 @@ def transcribe(reactor, url, source, speed=1.0, out=None, partials=False, token=
                              on_message=show if partials else None)
     except TranscribeError as e:
         raise RuntimeError(str(e))
-    out.write(final["text"] + "\n")
+    out.write((final["text"] or NOTHING_HEARD) + "\n")
     return final["text"]

@@ -130,6 +130,13 @@ class BrowserPageTests(ServerTestMixin, unittest.TestCase):
                             "'error'" % (seconds, STATE))
         self.assertEqual((yield page.evaluate(STATE)), "listening",
                          (yield page.evaluate("document.getElementById('error').textContent")))
+        # The page names the model the server said it serves, and what the
+        # demo model knows.
+        self.assertEqual((yield page.evaluate("document.getElementById('model').textContent")),
+                         "demo")
+        note = yield page.evaluate("document.getElementById('model-note').textContent")
+        self.assertIn("demo model", note)
+        self.assertFalse((yield page.evaluate("document.getElementById('model-note').hidden")))
         yield page.evaluate("document.getElementById('stop').click()")
         state = yield page.wait_for("['done', 'error'].includes(%s) && %s" % (STATE, STATE))
         error = yield page.evaluate("document.getElementById('error').textContent")

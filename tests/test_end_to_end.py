@@ -147,8 +147,9 @@ class StreamTestsMixin(ServerTestMixin):
         self.start_server()
         client = yield self.connect()
         hello = yield client.next()
-        self.assertEqual(set(hello), {"type", "stream_id", "sample_rate"})
-        self.assertEqual((hello["type"], hello["sample_rate"]), ("hello", 16000))
+        self.assertEqual(set(hello), {"type", "stream_id", "sample_rate", "model"})
+        self.assertEqual((hello["type"], hello["sample_rate"], hello["model"]),
+                         ("hello", 16000, "tiny-replica.nemo"))
         self.assertIsInstance(hello["stream_id"], int)
 
     @defer.inlineCallbacks

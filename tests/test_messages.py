@@ -101,6 +101,9 @@ class BuildTests(unittest.TestCase):
     def test_others(self):
         self.assertEqual(messages.hello(3, 16000),
                          {"type": "hello", "stream_id": 3, "sample_rate": 16000})
+        self.assertEqual(messages.hello(3, 16000, "demo"),
+                         {"type": "hello", "stream_id": 3, "sample_rate": 16000,
+                          "model": "demo"})
         self.assertEqual(messages.status(2, 8, "ready"),
                          {"type": "status", "connected_streams": 2, "max_streams": 8,
                           "state": "ready"})

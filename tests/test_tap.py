@@ -3,6 +3,7 @@ The command line, the twistd plugin and the service tree they build; the
 server run for real as ``parakeet-server serve`` and ``twistd -n parakeet``.
 """
 
+import io
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
-from parakeet import cli, tap
+from parakeet import cli, corpus, tap
 from parakeet.models import MODEL_SIZES, ModelUnavailable, load_asr_model
 
 from .helpers import shared_tiny_engine, speechlike, tiny_model_path
@@ -65,6 +66,19 @@ class Process(protocol.ProcessProtocol):
         self._watchers = []
         self.ended.callback(reason.value.exitCode if reason.value.signal is None
                             else "signal %d" % reason.value.signal)
+
+
+def free_ports(count):
+    """count TCP ports free on the loopback interface right now."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def spawn(test, argv, **env):
@@ -136,6 +150,36 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(options.subCommand, "serve")
         self.assertEqual(options.subOptions["port"], 9)
         self.assertRaises(usage.UsageError, cli.Options().parseOptions, [])
+
+    def test_options_after_arguments(self):
+        # As GNU tools take them: "transcribe FILE --url URL".
+        options = cli.Options()
+        options.parseOptions(["transcribe", "a.wav", "--url", "tcp://h:1", "b.wav", "-p",
+                              "--speed=2", "--", "--not-an-option.wav"])
+        sub = options.subOptions
+        self.assertEqual((sub["files"], sub["url"], sub["partials"], sub["pace"]),
+                         (["a.wav", "b.wav", "--not-an-option.wav"], "tcp://h:1", 1, 2.0))
+        # Options of the command are not taken before it.
+        self.assertRaises(usage.UsageError, cli.Options().parseOptions,
+                          ["--url", "tcp://h:1", "transcribe"])
+
+    def test_version_and_usage_lines(self):
+        from parakeet import __version__
+
+        for argv in (["--version"], ["serve", "--version"], ["transcribe", "--version"],
+                     ["bench", "--version"], ["demo", "--version"]):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            self.assertRaises(SystemExit, cli.Options().parseOptions, argv)
+            self.assertEqual(out.getvalue(), "parakeet-server %s\n" % (__version__,), argv)
+        for command, synopsis in (("serve", "serve [options]"),
+                                  ("transcribe", "transcribe [options] [FILE...]"),
+                                  ("demo", "demo [options]")):
+            options = cli.Options()
+            with self.assertRaises(usage.UsageError):
+                options.parseOptions([command, "--no-such-flag"])
+            self.assertTrue(str(options).startswith("Usage: parakeet-server %s\n"
+                                                    % (synopsis,)), str(options)[:80])
 
     def test_plugin(self):
         plugins = {p.tapname: p for p in getPlugins(IServiceMaker)}
@@ -215,6 +259,41 @@ class CommandTests(unittest.TestCase):
             self.assertEqual(code, 0, proc.err)
             for flag in FLAGS:
                 self.assertIn(flag.encode() + b"=", proc.out, (argv, flag))
+            if argv[1:] == ["--help"]:
+                # The commands, one line each, come before serve's flags.
+                commands = proc.out.index(b"Commands:")
+                self.assertLess(commands, proc.out.index(b"--model="))
+                for name in (b"serve", b"demo", b"transcribe", b"bench"):
+                    self.assertIn(b"\n    " + name + b" ", proc.out[commands:])
+
+    @defer.inlineCallbacks
+    def test_demo(self):
+        # From nothing to a transcript: the demo command loads the built-in
+        # model, streams the bundled sample, prints both texts and keeps
+        # serving (the page, a stream of ours) until Ctrl-C.
+        from parakeet.client import connect
+        from parakeet.models import DEMO_SAMPLE_TEXT
+
+        from .test_demo_model import WER_BOUND
+
+        ports = free_ports(3)
+        proc, transport = spawn(self, [os.path.join(BIN, "parakeet-server"), "demo",
+                                       "--port", str(ports[0]), "--ws-port", str(ports[1]),
+                                       "--http-port", str(ports[2])])
+        yield proc.wait_for_output(b"Ctrl-C stops it.\n")
+        lines = proc.out.decode().splitlines()
+        said = [line.split(":", 1)[1].strip() for line in lines if line.startswith("  said:")]
+        heard = [line.split(":", 1)[1].strip() for line in lines if line.startswith("  heard:")]
+        self.assertEqual(said, [DEMO_SAMPLE_TEXT])
+        self.assertLessEqual(corpus.word_error_rate([(said[0], heard[0])]), WER_BOUND, lines)
+        self.assertIn("http://127.0.0.1:%d/" % (ports[2],), proc.out.decode())
+        client = yield connect(reactor, "tcp://127.0.0.1:%d" % (ports[0],))
+        self.assertEqual((yield client.next())["type"], "hello")
+        client.send_audio(speechlike(5, 0.5), final=True)
+        yield client.final()
+        transport.signalProcess("INT")
+        self.assertEqual((yield proc.ended), 0, proc.err)
+        self.assertNotIn(b"Traceback", proc.err)
 
     @defer.inlineCallbacks
     def test_model_that_cannot_be_had(self):
@@ -227,7 +306,8 @@ class CommandTests(unittest.TestCase):
         lines = proc.err.decode().strip().splitlines()
         self.assertEqual(len(lines), 1, proc.err)
         for part in ("parakeet-server: cannot load model "
-                     "nvidia/nemotron-speech-streaming-en-0.6b", "--model", "HF_HOME"):
+                     "nvidia/nemotron-speech-streaming-en-0.6b", "--model", "HF_HOME",
+                     "--model demo"):
             self.assertIn(part, lines[0])
 
     @defer.inlineCallbacks

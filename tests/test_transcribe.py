@@ -19,7 +19,7 @@ from parakeet.bench import AudioSource
 
 from .helpers import speechlike
 from .test_demo_model import HELDOUT, WER_BOUND, demo_engine
-from .test_end_to_end import ServerTestMixin
+from .test_end_to_end import ServerTestMixin, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,6 +93,7 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual((o["files"], o["url"], o["pace"], o["token"], o["trust"],
                           o["partials"]),
                          ([transcribe.DEMO_SAMPLE], "ws://127.0.0.1:8000", 1.0, None, None, 0))
+        self.assertEqual(o["wait"], 60.0)
 
     def test_values(self):
         o = self.parse("--url", "wss://h:1/ws", "--token", "t0k", "--trust", "ca.pem", "-p",
@@ -105,7 +106,7 @@ class OptionsTests(unittest.TestCase):
 
     def test_bad_values(self):
         for argv in (["--speed", "0"], ["--speed", "x"], ["--fast", "--realtime"],
-                     ["--fast", "--speed", "2"], ["--bogus"]):
+                     ["--fast", "--speed", "2"], ["--bogus"], ["--wait", "-1"]):
             self.assertRaises(usage.UsageError, self.parse, *argv)
 
 
@@ -171,12 +172,13 @@ class CommandTests(ServerTestMixin, unittest.TestCase):
             base + "-96k.flac": write_clip(base + "-96k.flac", ["00007.flac"], 96000),
         }
 
-    def assertTranscripts(self, out, files):
-        """out: each file's header and its utterance lines, within its audio."""
+    def assertTranscripts(self, out, files, headers=True):
+        """out: each file's header and its utterance lines, within its audio
+        (one file without a header: headers False)."""
         lines = out.decode().splitlines()
         pairs = []
         for path, (seconds, words) in files.items():
-            start = lines.index("==> %s <==" % (path,))
+            start = lines.index("==> %s <==" % (path,)) if headers else -1
             heard = []
             for line in lines[start + 1:]:
                 if line.startswith("==> "):
@@ -213,8 +215,8 @@ class CommandTests(ServerTestMixin, unittest.TestCase):
         self.assertEqual(status, 2, (out, err))
         lines = err.decode().splitlines()
         self.assertEqual(len(lines), 2, lines)
-        self.assertTrue(lines[0].startswith("parakeet-server transcribe: cannot read %s: "
-                                            % (missing,)), lines)
+        self.assertEqual(lines[0], "parakeet-server transcribe: cannot read %s: "
+                                   "no such file or directory" % (missing,))
         self.assertTrue(lines[1].startswith("parakeet-server transcribe: cannot read %s: "
                                             % (garbage,)), lines)
         self.assertTranscripts(out, files)
@@ -295,11 +297,67 @@ class CommandTests(ServerTestMixin, unittest.TestCase):
         port = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
         address = "ws://127.0.0.1:%d" % (port.getHost().port,)
         yield port.stopListening()
-        out, err, status = yield self.command("--url", address, transcribe.DEMO_SAMPLE)
+        out, err, status = yield self.command("--url", address, "--wait", "0",
+                                              transcribe.DEMO_SAMPLE)
         self.assertEqual((status, out), (1, b""), err)
         lines = err.decode().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("cannot connect to %s" % (address,), lines[0])
+        # Waiting for it: a notice, then the same error once the wait is over.
+        out, err, status = yield self.command(transcribe.DEMO_SAMPLE, "--url", address,
+                                              "--wait", "1")
+        self.assertEqual((status, out), (1, b""), err)
+        lines = err.decode().splitlines()
+        self.assertEqual(lines[0], "waiting up to 1 s for the server at %s to start..."
+                         % (address,))
+        self.assertIn("cannot connect to %s" % (address,), lines[1])
+
+    @defer.inlineCallbacks
+    def test_waits_for_a_loading_server(self):
+        # The quick start: the server is started, then the client at once,
+        # while the model loads.  The client says it waits, and transcribes
+        # once the server is ready.
+        import threading
+
+        from parakeet import tap
+
+        release = threading.Event()
+        self.addCleanup(release.set)
+        engine = demo_engine()
+        settings = (engine.vad, engine.endpointing_ms)
+        self.addCleanup(setattr, engine, "vad", settings[0])
+        self.addCleanup(setattr, engine, "endpointing_ms", settings[1])
+        self.patch(tap, "load_engine", lambda config: release.wait(30) and engine)
+        options = tap.Options()
+        options.parseOptions(["--host", "127.0.0.1", "--port", "0", "--ws-port", "0"])
+        server = tap.makeService(options, reactor)
+        refusals = []
+        self.patch(server.registry.metrics, "refused", refusals.append)
+        server.startService()
+        self.addCleanup(server.stopService)
+        address = "ws://127.0.0.1:%d" % (
+            server.getServiceNamed("WebSocket clients").port.getHost().port,)
+        path = os.path.abspath(self.mktemp() + ".wav")
+        seconds, words = write_clip(path, ["00009.flac"])
+        running = self.command(path, "--fast", "--url", address)
+        yield wait_for(lambda: "loading" in refusals)
+        release.set()
+        out, err, status = yield running
+        self.assertEqual((status, err.decode().splitlines()), (0, [
+            "waiting up to 60 s for the server at %s to start..." % (address,)]), out)
+        self.assertTranscripts(out, {"": (seconds, words)}, headers=False)
+
+    @defer.inlineCallbacks
+    def test_nothing_heard(self):
+        # A stream in which nothing was recognised says so (here: 5 ms of
+        # audio, less than one frame).
+        self.start()
+        path = os.path.abspath(self.mktemp() + ".wav")
+        import soundfile
+
+        soundfile.write(path, np.zeros(80, np.float32), 16000)
+        out, err, status = yield self.command("--url", self.address(), "--fast", path)
+        self.assertEqual((status, out, err), (0, b"(no speech recognised)\n", b""))
 
     @defer.inlineCallbacks
     def test_on_a_terminal(self):

@@ -38,7 +38,27 @@
     partial: $("partial"),
     empty: $("empty"),
     serverUrl: $("server-url"),
+    modelName: $("model-name"),
+    model: $("model"),
+    modelNote: $("model-note"),
   };
+
+  // What the models the server names in its hello can recognise, where it
+  // is worth saying.
+  const MODEL_NOTES = {
+    demo: "This server runs the built-in demo model. It knows a voice " +
+      "assistant's words only: digits and PINs, numbers, times, and commands such " +
+      "as \u201cset an alarm for seven thirty\u201d, \u201cturn off the kitchen " +
+      "lights\u201d or \u201cwhat is the weather in paris tomorrow\u201d. Other " +
+      "words come out as the nearest ones it knows.",
+  };
+
+  function showModel(name) {
+    ui.model.textContent = name;
+    ui.modelName.hidden = false;
+    ui.modelNote.textContent = MODEL_NOTES[name] || "";
+    ui.modelNote.hidden = !MODEL_NOTES[name];
+  }
 
   // Where the stream WebSocket is.
 
@@ -407,6 +427,9 @@
       }
       if (message.type === "hello") {
         this.ready = true;
+        if (message.model) {
+          showModel(message.model);
+        }
         transcript.newStream();
         setState("listening", "Listening: speak now. Stream " + message.stream_id +
           ", " + (this.rate / 1000) + " kHz audio.");

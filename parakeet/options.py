@@ -1,0 +1,45 @@
+"""
+What every ``parakeet-server`` command's options share: options before or
+after the positional arguments, as GNU tools take them (``transcribe FILE
+--url URL``; plain ``getopt``, which Twisted's parser uses, stops at the
+first file), and ``--version`` naming this package (Twisted's own prints
+Twisted's version).
+"""
+
+import getopt
+import sys
+
+from twisted.python import usage
+
+from . import __version__
+
+
+class CommandOptions(usage.Options):
+    """usage.Options for one command.  permute: options may follow
+    positional arguments (False for a parser of subcommands, whose first
+    positional argument ends its own options)."""
+
+    permute = True
+
+    def parseOptions(self, options=None):
+        if options is None:
+            options = sys.argv[1:]
+        if self.permute:
+            try:
+                opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+            except getopt.error as e:
+                raise usage.UsageError(str(e))
+            ordered = []
+            for opt, value in opts:
+                if opt.startswith("--"):
+                    takes_value = opt[2:] + "=" in self.longOpt
+                    ordered.append(opt + "=" + value if takes_value else opt)
+                else:
+                    ordered += [opt, value] if opt[1] + ":" in self.shortOpt else [opt]
+            options = ordered + ["--"] + args
+        super().parseOptions(options)
+
+    def opt_version(self):
+        """Print the version and exit."""
+        print("parakeet-server %s" % (__version__,))
+        sys.exit(0)
