@@ -70,7 +70,8 @@ class Options(CommandOptions):
         ("speed", None, None, "Send audio this many times faster than real time.",
          _speed),
         ("wait", None, 60.0, "Seconds to keep trying while the server is starting "
-         "(not listening yet, or still loading its model); 0: fail at once.", not_negative(float)),
+         "(not listening yet, or still loading its model); 0: fail at once.",
+         not_negative(float)),
     ]
     optFlags = [
         ("realtime", None, "Send audio paced at real time, as a live source would "
