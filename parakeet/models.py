@@ -68,14 +68,35 @@ def _is_path(name):
 
 
 def unavailable_message(name, cause):
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    from huggingface_hub import constants
+
+    hub = constants.HF_HUB_CACHE
     return (
         "cannot load model %s: it is not in the Hugging Face cache (%s) and could "
         "not be downloaded (%s). Run once with internet access to cache it, point "
         "HF_HOME or HF_HUB_CACHE at a cache that holds it, pass "
         "--model /path/to/model.nemo, or serve the built-in demo model, which "
         "needs no download: --model demo." % (name, hub, cause))
+
+
+def check_reachable(name):
+    """Fail in seconds, before NeMo is imported, when name is a Hugging Face
+    id that is neither in the cache nor reachable: raises ModelUnavailable.
+    A path, or an id with a snapshot in the cache, passes unchecked."""
+    if _is_path(name) or "/" not in name:
+        return
+    from huggingface_hub import HfApi, constants
+
+    folder = os.path.join(constants.HF_HUB_CACHE, "models--" + name.replace("/", "--"),
+                          "snapshots")
+    if os.path.isdir(folder) and os.listdir(folder):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelUnavailable(unavailable_message(name, "HF_HUB_OFFLINE is set"))
+    try:
+        HfApi().model_info(name, timeout=10)
+    except Exception as e:
+        raise ModelUnavailable(unavailable_message(name, _one_line(e)))
 
 
 def load_asr_model(name, map_location):

@@ -256,11 +256,14 @@ def in_own_thread(reactor, f, *args, **kwargs):
 def load_engine(config):
     """The engine for config (blocking: run it off the reactor thread)."""
     from .allocator import freeze_loaded_objects
+    from .models import check_reachable, resolve_model
+
+    name = resolve_model(config["model"], config["model-size"])
+    check_reachable(name)
     from .engine import Engine
-    from .models import resolve_model
 
     engine = Engine.load(
-        resolve_model(config["model"], config["model-size"]), device=config["device"],
+        name, device=config["device"],
         num_slots=config["max-num-streams"], batch_size=config["max-batch"],
         chunk_ms=config["chunk-ms"], precision=config["precision"])
     engine.warm_up()

@@ -16,7 +16,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from parakeet import cli, corpus, tap
-from parakeet.models import MODEL_SIZES, ModelUnavailable, load_asr_model
+from parakeet.models import MODEL_SIZES, ModelUnavailable, check_reachable, load_asr_model
 
 from .helpers import shared_tiny_engine, speechlike, tiny_model_path
 from .test_end_to_end import ServerTestMixin, wait_for
@@ -244,6 +244,22 @@ class ServiceTests(unittest.TestCase):
             load_asr_model("junk.nemo", "cpu")
         self.assertIn("cannot load model junk.nemo: not a usable .nemo checkpoint",
                       str(caught.exception))
+
+    def test_reachable_before_nemo_is_imported(self):
+        # An id neither cached nor downloadable fails at once, naming the
+        # ways out; a path, or an id with a cached snapshot, goes on to NeMo.
+        from huggingface_hub import constants
+
+        cache = os.path.abspath(self.mktemp())
+        self.patch(constants, "HF_HUB_CACHE", cache)
+        self.patch(constants, "HF_HUB_OFFLINE", True)
+        with self.assertRaises(ModelUnavailable) as caught:
+            check_reachable("nvidia/not-cached")
+        for part in ("cannot load model nvidia/not-cached", cache, "--model demo"):
+            self.assertIn(part, str(caught.exception))
+        os.makedirs(os.path.join(cache, "models--nvidia--cached", "snapshots", "abc"))
+        check_reachable("nvidia/cached")
+        check_reachable("/nonexistent/model.nemo")
 
 
 class CommandTests(unittest.TestCase):
