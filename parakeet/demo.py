@@ -54,14 +54,11 @@ def show_sample(reactor, options, out, started):
     source = read_audio_file(DEMO_SAMPLE)
     out.write("%s: loading the built-in demo model on %s...\n" % (NAME, options["device"]))
     out.flush()
-    hello = []
 
-    def loaded(message):
-        if not hello:
-            hello.append(message)
-            out.write("ready after %.1f s; streaming the bundled sample (%.1f s) in "
-                      "real time:\n" % (reactor.seconds() - started, source.seconds))
-            out.flush()
+    def loaded(hello):
+        out.write("ready after %.1f s; streaming the bundled sample (%.1f s) in "
+                  "real time:\n" % (reactor.seconds() - started, source.seconds))
+        out.flush()
 
     final = yield transcribe.stream(reactor, url, source, pace=1.0, wait=300.0,
                                     on_hello=loaded)

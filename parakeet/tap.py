@@ -13,7 +13,7 @@ from twisted.python import failure, usage
 
 from . import __version__
 from .audio import MAX_RATE, MIN_RATE
-from .models import MODEL_SIZES, PRECISIONS, served_name
+from .models import MODEL_SIZES, PRECISIONS, check_reachable, resolve_model, served_name
 from .options import CommandOptions
 
 log = Logger()
@@ -256,7 +256,6 @@ def in_own_thread(reactor, f, *args, **kwargs):
 def load_engine(config):
     """The engine for config (blocking: run it off the reactor thread)."""
     from .allocator import freeze_loaded_objects
-    from .models import check_reachable, resolve_model
 
     name = resolve_model(config["model"], config["model-size"])
     check_reachable(name)

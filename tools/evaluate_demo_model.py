@@ -67,17 +67,17 @@ def build_sets(work, per_set):
     return sets
 
 
-#: Conditions put on the held-out voices' clips: name -> effect(audio, rng).
+#: Conditions put on the held-out voices' clips: name -> effect(audio, rng,
+#: babble), babble being other speech to murmur from.
 CONDITIONS = {
-    "pink noise 10 dB": lambda a, r: augment.noise(a, r, snr=10, kind="pink")[0],
-    "babble 10 dB": lambda a, r: augment.noise(a, r, babble=_BABBLE, snr=10, kind="babble")[0],
-    "reverb rt60 0.6 s": lambda a, r: augment.reverberate(a, r, rt60=0.6)[0],
-    "reverb 0.6 s + pink 15 dB": lambda a, r: augment.noise(
+    "pink noise 10 dB": lambda a, r, b: augment.noise(a, r, snr=10, kind="pink")[0],
+    "babble 10 dB": lambda a, r, b: augment.noise(a, r, babble=b, snr=10, kind="babble")[0],
+    "reverb rt60 0.6 s": lambda a, r, b: augment.reverberate(a, r, rt60=0.6)[0],
+    "reverb 0.6 s + pink 15 dB": lambda a, r, b: augment.noise(
         augment.reverberate(a, r, rt60=0.6)[0], r, snr=15, kind="pink")[0],
-    "telephone 8 kHz u-law": lambda a, r: augment.telephone(a, law="mu")[0],
-    "telephone 8 kHz A-law": lambda a, r: augment.telephone(a, law="a")[0],
+    "telephone 8 kHz u-law": lambda a, r, b: augment.telephone(a, law="mu")[0],
+    "telephone 8 kHz A-law": lambda a, r, b: augment.telephone(a, law="a")[0],
 }
-_BABBLE = []
 
 
 def no_speech(rng):
@@ -96,45 +96,55 @@ def _read(row):
     return soundfile.read(row["audio_filepath"], dtype="float32")[0]
 
 
-def decode_streaming(engine, audios):
+def decode_streaming(engine, audios, batch=16):
     """Token ids the server's engine emits for each of audios, decoded as
-    concurrent streams, one chunk of each per step."""
+    concurrent streams, batch at a time, one chunk of each per step (the
+    engine is batch-invariant, so this is what each would get alone)."""
     from parakeet.frontend import ChunkCutter
 
-    cutters = []
-    for i, audio in enumerate(audios):
-        cutter = ChunkCutter(i + 1, engine.geometry)
-        cutter.push(audio)
-        cutter.finish()
-        cutters.append(cutter)
-    tokens = [[] for _ in audios]
-    while True:
-        chunks = [c for c in (cutter.next_chunk() for cutter in cutters) if c is not None]
-        if not chunks:
-            return tokens
-        for result in engine.step(chunks):
-            tokens[result.stream_id - 1] += result.token_ids
+    tokens = []
+    for start in range(0, len(audios), batch):
+        cutters = []
+        for i, audio in enumerate(audios[start:start + batch]):
+            cutter = ChunkCutter(i + 1, engine.geometry)
+            cutter.push(audio)
+            cutter.finish()
+            cutters.append(cutter)
+        these = [[] for _ in cutters]
+        while True:
+            chunks = [c for c in (cutter.next_chunk() for cutter in cutters) if c is not None]
+            if not chunks:
+                break
+            for result in engine.step(chunks):
+                these[result.stream_id - 1] += result.token_ids
+        tokens += these
+    return tokens
 
 
-def _score(engine, audios, texts, streaming=False):
-    hyps = [engine.text_of(engine.decode_offline(a)[0]) for a in audios]
-    row = {"clips": len(audios), "words": sum(len(t.split()) for t in texts),
+def _score(engine, decoded, texts, audios=None):
+    """The WER of decoded ((tokens, frames, features) of each clip, offline)
+    against texts; with audios, also on how many clips streaming gives the
+    offline tokens."""
+    hyps = [engine.text_of(tokens) for tokens, _, _ in decoded]
+    row = {"clips": len(decoded), "words": sum(len(t.split()) for t in texts),
            "wer": round(corpus.word_error_rate(zip(texts, hyps)), 4),
            "examples": [[t, h] for t, h in zip(texts, hyps) if t != h][:3]}
-    if streaming:
-        live = []
-        for start in range(0, len(audios), 16):
-            live += decode_streaming(engine, audios[start:start + 16])
-        offline = [engine.decode_offline(a)[0] for a in audios]
-        row["streaming_identical"] = sum(a == b for a, b in zip(live, offline))
+    if audios is not None:
+        live = decode_streaming(engine, audios)
+        row["streaming_identical"] = sum(a == b[0] for a, b in zip(live, decoded))
     return row
 
 
-def end_of_utterance(engine, rows, audios, frame_ms=80):
+def _decode(engine, audios):
+    return [engine.decode_offline(audio) for audio in audios]
+
+
+def end_of_utterance(engine, rows, decoded, frame_ms=80):
+    """Where <EOU> comes against each row's recorded end of speech, from
+    decoded ((tokens, frames, features) of each row's clip, offline)."""
     eou = engine.pipeline.asr_model.tokenizer.token_to_id(corpus.EOU)
     delays, missing, extra = [], 0, 0
-    for row, audio in zip(rows, audios):
-        tokens, frames, _ = engine.decode_offline(audio)
+    for row, (tokens, frames, _) in zip(rows, decoded):
         at = [f for t, f in zip(tokens, frames) if t == eou]
         if not at:
             missing += 1
@@ -150,7 +160,6 @@ def end_of_utterance(engine, rows, audios, frame_ms=80):
 
 def human_clips():
     """(audio, transcript) of HUMAN_CLIPS that are installed."""
-    import numpy as np
     import soundfile
 
     clips = []
@@ -173,23 +182,25 @@ def evaluate(model, work, per_set=60):
     engine = Engine.load(model, device="cpu", num_slots=16, batch_size=16)
     sets = build_sets(work, per_set)
     report = {"sets": {}, "conditions": {}}
-    heldout_rows, heldout_audio = [], []
+    heldout_rows, heldout_audio, heldout_decoded = [], [], []
     for name, rows in sets.items():
         audios = [_read(r) for r in rows]
+        decoded = _decode(engine, audios)
         texts = [r["text"].replace(corpus.EOU, "") for r in rows]
-        report["sets"][name] = _score(engine, audios, texts,
-                                      streaming=name.startswith("held out"))
-        if name.startswith("held out"):
+        heldout = name.startswith("held out")
+        report["sets"][name] = _score(engine, decoded, texts, audios if heldout else None)
+        if heldout:
             heldout_rows += rows
             heldout_audio += audios
+            heldout_decoded += decoded
     texts = [r["text"].replace(corpus.EOU, "") for r in heldout_rows]
-    _BABBLE[:] = [a[int(r["speech_start"] * 16000):int(r["speech_end"] * 16000)]
-                  for r, a in zip(heldout_rows[::-1], heldout_audio[::-1])][:8]
+    babble = [a[int(r["speech_start"] * 16000):int(r["speech_end"] * 16000)]
+              for r, a in zip(heldout_rows[::-1], heldout_audio[::-1])][:8]
     rng = np.random.default_rng(SEED)
     for name, effect in CONDITIONS.items():
-        audios = [effect(a, rng) for a in heldout_audio]
-        report["conditions"][name] = _score(engine, audios, texts)
-    report["end_of_utterance"] = end_of_utterance(engine, heldout_rows, heldout_audio)
+        audios = [effect(a, rng, babble) for a in heldout_audio]
+        report["conditions"][name] = _score(engine, _decode(engine, audios), texts)
+    report["end_of_utterance"] = end_of_utterance(engine, heldout_rows, heldout_decoded)
     sounds = no_speech(rng)
     heard = [engine.text_of(engine.decode_offline(audio)[0]).split() for _, audio in sounds]
     report["no_speech"] = {"clips": len(sounds), "words": sum(map(len, heard)),
@@ -197,7 +208,8 @@ def evaluate(model, work, per_set=60):
                                         in zip(sounds, heard) if words]}
     human = human_clips()
     if human:
-        report["human"] = _score(engine, [a for a, _ in human], [t for _, t in human])
+        report["human"] = _score(engine, _decode(engine, [a for a, _ in human]),
+                                 [t for _, t in human])
     return report
 
 

@@ -196,14 +196,11 @@ def evaluate(model_path, manifest, frame_ms=80):
     engine = Engine.load(model_path, device="cpu", num_slots=16, batch_size=16)
     rows = corpus.read_manifest(manifest)
     audios = [soundfile.read(row["audio_filepath"], dtype="float32")[0] for row in rows]
-    lives = []
-    for start in range(0, len(audios), 16):
-        lives += decode_streaming(engine, audios[start:start + 16])
+    decoded = [engine.decode_offline(audio) for audio in audios]
     offline, streaming, by_engine = [], [], {}
     identical = 0
-    for row, audio, live in zip(rows, audios, lives):
+    for row, (tokens, _, _), live in zip(rows, decoded, decode_streaming(engine, audios)):
         reference = row["text"].replace(corpus.EOU, "")
-        tokens = engine.decode_offline(audio)[0]
         identical += live == tokens
         offline.append((reference, engine.text_of(tokens)))
         streaming.append((reference, engine.text_of(live)))
@@ -215,7 +212,7 @@ def evaluate(model_path, manifest, frame_ms=80):
         "streaming_identical_to_offline": identical,
         "wer_by_engine": {name: round(corpus.word_error_rate(pairs), 4)
                           for name, pairs in sorted(by_engine.items())},
-        "end_of_utterance": end_of_utterance(engine, rows, audios, frame_ms),
+        "end_of_utterance": end_of_utterance(engine, rows, decoded, frame_ms),
     }
     return report
 
