@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="parakeet-server",
@@ -9,9 +9,9 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.10",
-    packages=["parakeet", "twisted.plugins"],
+    packages=find_packages(include=["parakeet", "parakeet.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/parakeet_plugin.py"],
-                  "parakeet": ["data/*.nemo", "data/*.wav", "static/*"]},
+                  "parakeet": ["data/*.nemo", "data/*.wav", "server/static/*"]},
     install_requires=[
         # TLS listeners (ssl: endpoints) and clients: pyOpenSSL, service_identity.
         "twisted[tls]>=24.7",

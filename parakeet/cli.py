@@ -6,7 +6,9 @@ import sys
 
 from twisted.python import usage
 
-from . import bench, demo, tap, transcribe
+from .clients import bench, transcribe
+from . import demo
+from .server import tap
 from .options import CommandOptions
 
 

@@ -10,8 +10,9 @@ import sys
 
 from twisted.internet import defer
 
-from . import tap, transcribe
-from .models import DEMO_SAMPLE, DEMO_SAMPLE_TEXT
+from .server import tap
+from .clients import transcribe
+from .checkpoints import DEMO_SAMPLE, DEMO_SAMPLE_TEXT
 from .options import CommandOptions
 
 NAME = "parakeet-server demo"
@@ -48,7 +49,7 @@ def _host(options):
 @defer.inlineCallbacks
 def show_sample(reactor, options, out, started):
     """Stream the bundled sample once the server is up; print both texts."""
-    from .bench import read_audio_file
+    from .clients.bench import read_audio_file
 
     url = "ws://%s:%d" % (_host(options), options["ws-port"])
     source = read_audio_file(DEMO_SAMPLE)

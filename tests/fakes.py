@@ -1,6 +1,6 @@
 """Fakes for testing one layer at a time."""
 
-from parakeet.engine import StepResult
+from parakeet.contract import StepResult
 
 
 class FakeEngine:

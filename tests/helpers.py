@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from parakeet.frontend import ChunkGeometry
+from parakeet.contract import ChunkGeometry
 
 _built = {}
 
@@ -19,7 +19,7 @@ GEOMETRY = ChunkGeometry(hop=160, n_fft=512, pad=256, first_frames=9,
 def tiny_model_path():
     """Path of the tiny replica, built on first use in this run."""
     if "tiny" not in _built:
-        from parakeet.replica import build_replica
+        from parakeet.measuring.replica import build_replica
 
         path = os.path.abspath("tiny-replica.nemo")
         if not os.path.exists(path):
@@ -29,7 +29,7 @@ def tiny_model_path():
 
 
 def load_tiny_engine(num_slots=16, batch_size=16):
-    from parakeet.engine import Engine
+    from parakeet.engine.engine import Engine
 
     return Engine.load(tiny_model_path(), device="cpu", num_slots=num_slots,
                        batch_size=batch_size)
@@ -55,7 +55,7 @@ def assert_engine_idle(test, engine):
 
 def speechlike(seed, seconds):
     """Reproducible audio the tiny model emits varied tokens for."""
-    from parakeet.replica import calibration_audio
+    from parakeet.measuring.replica import calibration_audio
 
     return calibration_audio(seed, seconds)
 

@@ -1,7 +1,7 @@
 """
 The server's threads share one malloc arena, the garbage collector leaves the
 loaded model alone, and oneDNN keeps a kernel for every shape
-(``parakeet.allocator``).
+(``parakeet.engine.allocator``).
 """
 
 import os
@@ -11,7 +11,7 @@ import sys
 
 from twisted.trial import unittest
 
-from parakeet.allocator import KERNEL_CACHE_VARIABLES, keep_cpu_kernels, use_one_arena
+from parakeet.engine.allocator import KERNEL_CACHE_VARIABLES, keep_cpu_kernels, use_one_arena
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: glibc's malloc_info reports; with "one", asks for one arena first.
 COUNT_ARENAS = r"""
 import ctypes, sys, tempfile, threading
-from parakeet.allocator import use_one_arena
+from parakeet.engine.allocator import use_one_arena
 if sys.argv[1] == "one":
     assert use_one_arena()
 together = threading.Barrier(4)
@@ -70,7 +70,7 @@ class OneArenaTests(unittest.TestCase):
 #: and prints what the collector still sees.
 FREEZE = r"""
 import gc, weakref
-from parakeet.allocator import freeze_loaded_objects
+from parakeet.engine.allocator import freeze_loaded_objects
 class Node:
     pass
 model = [{"layer": i, "weights": [i]} for i in range(50000)]
@@ -106,7 +106,7 @@ class FreezeTests(unittest.TestCase):
 #: for a kernel cache of 16 first.
 KERNELS = r"""
 import sys
-from parakeet.allocator import keep_cpu_kernels
+from parakeet.engine.allocator import keep_cpu_kernels
 if sys.argv[1] == "keep":
     keep_cpu_kernels(16)
 import torch

@@ -1,12 +1,12 @@
 """
-parakeet.augment: each effect does what it says to a signal whose answer
+parakeet.training.augment: each effect does what it says to a signal whose answer
 is known (a harmonic tone, an impulse, noise).
 """
 
 import numpy as np
 from twisted.trial import unittest
 
-from parakeet import augment
+from parakeet.training import augment
 
 RATE = augment.SAMPLE_RATE
 

@@ -16,10 +16,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
-from parakeet import auth, tap
-from parakeet import client as clients
+from parakeet.server import auth, tap
+from parakeet.clients import connection
 from parakeet.audio import encode_samples
-from parakeet.auth import (
+from parakeet.server.auth import (
     AuthConfigError, Refusal, TokenReloader, TokenStore, auth_message_token,
     normalize_origin, origin_allowed, parse_origins, read_tokens, tcp_refusal,
     websocket_credential, websocket_refusal)
@@ -394,9 +394,9 @@ class AuthServerTests(ServerTestMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def open(self, address, token=None, **kwargs):
         if kwargs:
-            client = yield clients.connect_websocket(reactor, address, token=token, **kwargs)
+            client = yield connection.connect_websocket(reactor, address, token=token, **kwargs)
         else:
-            client = yield clients.connect(reactor, address, token=token)
+            client = yield connection.connect(reactor, address, token=token)
         self.addCleanup(self._hang_up, client)
         return client
 
@@ -668,22 +668,22 @@ class HTTPPortTests(ServerTestMixin, unittest.TestCase):
         self.start_server("--http-port", "0", "--auth-tokens", self.tokens,
                           "--allowed-origins", "https://app.example.com")
         for how in ({"token": GOOD}, {"protocols": ["parakeet", "token." + GOOD]}):
-            client = yield clients.connect_websocket(reactor, self.url(), **how)
+            client = yield connection.connect_websocket(reactor, self.url(), **how)
             self.addCleanup(self._hang_up, client)
             self.assertEqual((yield client.next())["type"], "hello")
             client.close()
             yield client.closed
-        client = yield clients.connect_websocket(reactor, self.url("?token=" + GOOD))
+        client = yield connection.connect_websocket(reactor, self.url("?token=" + GOOD))
         self.assertEqual((yield client.next())["type"], "hello")
         client.close()
         yield client.closed
-        client = yield clients.connect_websocket(reactor, self.url("?token=" + WRONG))
+        client = yield connection.connect_websocket(reactor, self.url("?token=" + WRONG))
         error = yield client.next()
         self.assertIn("wrong token", error["message"])
         yield client.closed
         self.assertEqual(client.close_code, 1008)
         with self.assertRaises(ConnectionError) as caught:
-            yield clients.connect_websocket(reactor, self.url(), token=GOOD,
+            yield connection.connect_websocket(reactor, self.url(), token=GOOD,
                                             headers={"Origin": "https://evil.example"})
         self.assertIn("403", str(caught.exception))
         yield wait_for(lambda: len(self.server.registry) == 0)
@@ -697,7 +697,7 @@ class AuthOffTests(ServerTestMixin, unittest.TestCase):
         self.start_server()
         for address in ("tcp://127.0.0.1:%d" % (self.ports["TCP clients"],),
                         "ws://127.0.0.1:%d" % (self.ports["WebSocket clients"],)):
-            client = yield clients.connect(reactor, address, token=GOOD)
+            client = yield connection.connect(reactor, address, token=GOOD)
             self.addCleanup(self._hang_up, client)
             audio = speechlike(66, 0.5)
             yield self.stream(client, audio)
@@ -706,7 +706,7 @@ class AuthOffTests(ServerTestMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_parakeet_subprotocol_selected(self):
         self.start_server()
-        client = yield clients.connect_websocket(
+        client = yield connection.connect_websocket(
             reactor, "ws://127.0.0.1:%d" % (self.ports["WebSocket clients"],),
             protocols=["parakeet", "token." + GOOD])
         self.addCleanup(self._hang_up, client)

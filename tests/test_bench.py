@@ -16,8 +16,10 @@ from twisted.internet import defer, reactor, task
 from twisted.python import usage
 from twisted.trial import unittest
 
-from parakeet import bench, cli
-from parakeet import ceiling as ceiling_module
+from parakeet.clients import bench
+
+from parakeet import cli
+from parakeet.measuring import ceiling as ceiling_module
 
 from .helpers import speechlike, tiny_model_path
 from .test_end_to_end import ServerTestMixin

@@ -20,8 +20,8 @@ from twisted.internet import defer, reactor
 from twisted.protocols import portforward
 from twisted.trial import unittest
 
-from parakeet import client as clients
-from parakeet import corpus
+from parakeet.clients import connection
+from parakeet.training import corpus
 
 from .test_demo_model import HELDOUT, WER_BOUND, demo_engine
 from .test_end_to_end import ServerTestMixin
@@ -169,7 +169,7 @@ class BrowserPageTests(ServerTestMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_server_full(self):
         self.start("--max-num-streams", "1")
-        holder = yield clients.connect(reactor, self.address())
+        holder = yield connection.connect(reactor, self.address())
         self.addCleanup(self._hang_up, holder)
         yield holder.next(lambda m: m["type"] == "hello")
         browser = yield self.browser()

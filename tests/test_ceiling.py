@@ -1,5 +1,5 @@
 """
-The in-process ceiling (:mod:`parakeet.ceiling`): the paced run's
+The in-process ceiling (:mod:`parakeet.measuring.ceiling`): the paced run's
 accounting, on the tiny replica with a clock the test drives.
 """
 
@@ -9,8 +9,8 @@ import sys
 import numpy as np
 from twisted.trial import unittest
 
-from parakeet import ceiling
-from parakeet.frontend import ChunkCutter
+from parakeet.measuring import ceiling
+from parakeet.contract import ChunkCutter
 
 from .helpers import assert_engine_idle, shared_tiny_engine, tiny_model_path
 

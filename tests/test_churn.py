@@ -46,7 +46,7 @@ only when ``PARAKEET_SOAK=1`` is set.  Both write their cycle counts and the
 thread, descriptor and memory figures to stderr.
 
 The clients connect with ``TCP4ClientEndpoint`` rather than the
-``HostnameEndpoint`` of ``parakeet.client.connect``, whose name resolution
+``HostnameEndpoint`` of ``parakeet.connection.connection.connect``, whose name resolution
 runs on the reactor's thread pool and would grow the thread count on its own.
 
 ``FinalResultTestsMixin`` guards against a loss the soak test once ran
@@ -67,8 +67,8 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.trial import unittest
 
-from parakeet import client as clients
-from parakeet import messages
+from parakeet.clients import connection
+from parakeet.server import messages
 
 from .helpers import assert_engine_idle, speechlike
 from .test_end_to_end import ServerTestMixin
@@ -158,15 +158,15 @@ class ChurnTests(ServerTestMixin, unittest.TestCase):
     def open(self, transport):
         """A Deferred firing with a connected StreamClient."""
         if transport == "tcp":
-            client = clients.StreamClient()
+            client = connection.StreamClient()
             d = endpoints.connectProtocol(self.endpoint("tcp"),
-                                          clients._LineClientProtocol(client))
+                                          connection._LineClientProtocol(client))
             d.addCallback(lambda _: client)
         else:
             factory = WebSocketClientFactory(
                 "ws://127.0.0.1:%d" % (self.ports["WebSocket clients"],))
-            factory.protocol = clients._WebSocketClientProtocol
-            factory.client = clients.StreamClient()
+            factory.protocol = connection._WebSocketClientProtocol
+            factory.client = connection.StreamClient()
             factory.opened = defer.Deferred()
             d = self.endpoint("ws").connect(factory)
             d.addCallback(lambda _: factory.opened)

@@ -5,7 +5,7 @@ transports; where it marks the end of an utterance; and the training script
 that made it, run for a few steps.
 
 The held-out clips in tests/data/heldout were synthesised by
-``parakeet.corpus.write_set`` with voice variants that never occur in the
+``parakeet.training.corpus.write_set`` with voice variants that never occur in the
 demo model's training set (see tests/data/heldout/README).
 """
 
@@ -21,8 +21,8 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from parakeet import corpus, voices
-from parakeet.models import (
+from parakeet.training import corpus, voices
+from parakeet.checkpoints import (
     BUILTIN_MODELS, DEMO_SAMPLE, DEMO_SAMPLE_TEXT, resolve_model, served_name)
 
 from .helpers import assert_engine_idle, offline_tokens
@@ -67,7 +67,7 @@ _demo = {}
 def demo_engine():
     """One engine on the demo model for the whole run."""
     if "engine" not in _demo:
-        from parakeet.engine import Engine
+        from parakeet.engine.engine import Engine
 
         _demo["engine"] = Engine.load(resolve_model("demo"), device="cpu",
                                       num_slots=16, batch_size=16)
@@ -214,7 +214,7 @@ class _ReducedPrecision:
 
     def setUp(self):
         if self.precision not in _demo:
-            from parakeet.engine import Engine
+            from parakeet.engine.engine import Engine
 
             _demo[self.precision] = Engine.load(resolve_model("demo"), device="cpu",
                                                 num_slots=8, batch_size=8,
@@ -307,8 +307,8 @@ class TranscribeCommandTests(ServerTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_bundled_sample(self):
-        from parakeet.bench import read_audio_file
-        from parakeet.transcribe import transcribe
+        from parakeet.clients.bench import read_audio_file
+        from parakeet.clients.transcribe import transcribe
 
         self.start_server(engine=demo_engine())
         out = io.StringIO()
@@ -392,7 +392,7 @@ class TrainingScriptTests(unittest.TestCase):
         self.assertTrue(all(r["text"].endswith(corpus.EOU) for r in rows))
         self.assertFalse({(r["tts"]["engine"], r["tts"]["voice"]) for r in rows} & heard)
         # The result loads the way the server loads any model.
-        from parakeet.engine import Engine
+        from parakeet.engine.engine import Engine
 
         engine = Engine.load(out, device="cpu", num_slots=2, batch_size=2)
         self.assertEqual(engine.geometry.chunk_frames, 16)

@@ -12,8 +12,8 @@ import numpy as np
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from parakeet import client as clients
-from parakeet import messages, tap
+from parakeet.clients import connection
+from parakeet.server import messages, tap
 from parakeet.audio import encode_samples
 
 from .helpers import (
@@ -94,7 +94,7 @@ class ServerTestMixin:
 
     @defer.inlineCallbacks
     def connect(self):
-        client = yield clients.connect(reactor, self.address())
+        client = yield connection.connect(reactor, self.address())
         self.addCleanup(self._hang_up, client)
         return client
 
@@ -475,7 +475,7 @@ class WebSocketTurnTests(TurnTestsMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_rate_and_encoding_in_the_url(self):
         self.start_server()
-        client = yield clients.connect(reactor, self.address() + "/?sample_rate=48000"
+        client = yield connection.connect(reactor, self.address() + "/?sample_rate=48000"
                                                                   "&encoding=f32")
         self.addCleanup(self._hang_up, client)
         hello = yield client.next()
@@ -495,7 +495,7 @@ class WebSocketTurnTests(TurnTestsMixin, unittest.TestCase):
         for query in ("/?sample_rate=4000", "/?sample_rate=16k",
                       "/?sample_rate=" + "9" * 5000):
             with self.assertRaises(ConnectionError) as caught:
-                yield clients.connect(reactor, self.address() + query)
+                yield connection.connect(reactor, self.address() + query)
             self.assertIn("400", str(caught.exception))
         self.assertEqual(len(self.server.registry), 0)
 
@@ -535,7 +535,7 @@ class WebSocketTests(StreamTestsMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def binary_stream(self, audio, query="", encoding="pcm16"):
         """Stream audio as binary messages; finalize with a close message."""
-        client = yield clients.connect(reactor, self.address() + query)
+        client = yield connection.connect(reactor, self.address() + query)
         self.addCleanup(self._hang_up, client)
         yield client.next()
         for start in range(0, len(audio), PIECE):
@@ -578,7 +578,7 @@ class WebSocketTests(StreamTestsMixin, unittest.TestCase):
     def test_unknown_binary_encoding_is_refused_at_the_handshake(self):
         self.start_server()
         with self.assertRaises(ConnectionError) as caught:
-            yield clients.connect(reactor, self.address() + "/?encoding=mp3")
+            yield connection.connect(reactor, self.address() + "/?encoding=mp3")
         self.assertIn("400", str(caught.exception))
         self.assertEqual(len(self.server.registry), 0)
 

@@ -5,7 +5,7 @@ NeMo pipeline and the same loading path as ``--model``.
 
 from twisted.trial import unittest
 
-from parakeet.frontend import ChunkCutter
+from parakeet.contract import ChunkCutter
 
 from .helpers import (
     assert_engine_idle, offline_tokens, shared_tiny_engine, speechlike, staggered_batches)

@@ -1,5 +1,5 @@
 """
-The accelerated cache-aware streaming step (:mod:`parakeet.fastencoder`)
+The accelerated cache-aware streaming step (:mod:`parakeet.engine.nemo.fastencoder`)
 against NeMo's own, on the tiny replica.
 
 Tolerance: in float32, encoder outputs agree within 1e-5 absolute plus 1e-5
@@ -16,10 +16,10 @@ import attr
 import torch
 from twisted.trial import unittest
 
-from parakeet import fastencoder
-from parakeet.engine import Engine
-from parakeet.replica import ARCHITECTURES, build_replica
-from parakeet.frontend import ChunkCutter
+from parakeet.engine.nemo import fastencoder
+from parakeet.engine.engine import Engine
+from parakeet.measuring.replica import ARCHITECTURES, build_replica
+from parakeet.contract import ChunkCutter
 
 from .helpers import (
     assert_engine_idle, shared_tiny_engine, speechlike, staggered_batches, tiny_model_path)

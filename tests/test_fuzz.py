@@ -102,15 +102,15 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from parakeet import client as clients
-from parakeet import messages
+from parakeet.clients import connection
+from parakeet.server import messages
 from parakeet.audio import F32_LIMIT, encode_samples
 # Checked against the standard library's G.711 decoder in test_audio.
 from parakeet.audio import _MULAW as MULAW_TABLE
-from parakeet.protocol import Limits, StreamSession
-from parakeet.registry import StreamRegistry
-from parakeet.replica import calibration_audio
-from parakeet.scheduler import DecodeLoop
+from parakeet.server.protocol import Limits, StreamSession
+from parakeet.server.registry import StreamRegistry
+from parakeet.measuring.replica import calibration_audio
+from parakeet.server.decodeloop import DecodeLoop
 
 from .fakes import FakeChannel, FakeEngine, FakeLoop
 from .helpers import GEOMETRY, assert_engine_idle, offline_tokens, quantized, speechlike
@@ -977,7 +977,7 @@ class SocketFuzzMixin(ServerTestMixin):
         raise NotImplementedError
 
     def connect_to(self, suffix=""):
-        d = clients.connect(reactor, self.address() + suffix)
+        d = connection.connect(reactor, self.address() + suffix)
 
         def connected(client):
             self.addCleanup(self._hang_up, client)

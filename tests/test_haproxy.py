@@ -25,8 +25,8 @@ import sys
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from parakeet import client as clients
-from parakeet import tap
+from parakeet.clients import connection
+from parakeet.server import tap
 
 from .helpers import offline_tokens, quantized, shared_tiny_engine, speechlike, tiny_model_path
 from .test_end_to_end import read_line, read_status, wait_for
@@ -330,7 +330,7 @@ class ScaleOutTests(unittest.TestCase):
                                  else "ws://127.0.0.1:%d" % (self.lb["ws"],))
                      for i in range(count)]
         streams = yield defer.gatherResults(
-            [clients.connect(reactor, a) for a in addresses], consumeErrors=True)
+            [connection.connect(reactor, a) for a in addresses], consumeErrors=True)
         first = yield defer.gatherResults([c.next() for c in streams], consumeErrors=True)
         self.assertEqual([m["type"] for m in first], ["hello"] * count, first)
         return streams

@@ -9,8 +9,8 @@ import numpy as np
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from parakeet import client as clients
-from parakeet import messages
+from parakeet.clients import connection
+from parakeet.server import messages
 
 from .helpers import offline_tokens, quantized, speechlike
 from .test_end_to_end import PIECE, ServerTestMixin, wait_for
@@ -161,14 +161,14 @@ class WebSocketLimitTests(LimitTestsMixin, unittest.TestCase):
     def test_server_pings(self):
         self.start_server("--ws-ping-interval", "2", "--idle-timeout", "0")
         pings = []
-        factory_protocol = clients._WebSocketClientProtocol
+        factory_protocol = connection._WebSocketClientProtocol
 
         class Counting(factory_protocol):
             def onPing(self, payload):
                 pings.append(payload)
                 factory_protocol.onPing(self, payload)
 
-        self.patch(clients, "_WebSocketClientProtocol", Counting)
+        self.patch(connection, "_WebSocketClientProtocol", Counting)
         client = yield self.connect()
         yield client.next()
         # Autobahn rounds its timers down to whole seconds: intervals under

@@ -4,7 +4,7 @@ import json
 import numpy as np
 from twisted.trial import unittest
 
-from parakeet import messages
+from parakeet.server import messages
 from parakeet.audio import encode_samples
 
 

@@ -15,11 +15,11 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
-from parakeet import messages
-from parakeet.metrics import ERROR_KINDS, ServerMetrics, error_kind
-from parakeet.protocol import Limits, StreamSession
-from parakeet.registry import RegistryLoading, StreamRegistry
-from parakeet.scheduler import DecodeLoop
+from parakeet.server import messages
+from parakeet.server.metrics import ERROR_KINDS, ServerMetrics, error_kind
+from parakeet.server.protocol import Limits, StreamSession
+from parakeet.server.registry import RegistryLoading, StreamRegistry
+from parakeet.server.decodeloop import DecodeLoop
 
 from .fakes import FakeChannel, FakeEngine
 from .helpers import GEOMETRY, assert_engine_idle, shared_tiny_engine, speechlike

@@ -14,9 +14,9 @@ from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
-from parakeet import client as clients
-from parakeet import health, tap
-from parakeet.registry import StreamRegistry
+from parakeet.clients import connection
+from parakeet.server import health, tap
+from parakeet.server.registry import StreamRegistry
 
 from .helpers import GEOMETRY, shared_tiny_engine, speechlike
 from .test_end_to_end import ServerTestMixin, read_line, wait_for
@@ -128,8 +128,8 @@ class OperatingTests(ServerTestMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_probes_follow_the_state(self):
         self.assertEqual((yield self.probes()), (200, 200, "ready", "up ready 100% maxconn:2\n"))
-        first = yield clients.connect(reactor, self.address())
-        second = yield clients.connect(reactor, self.address())
+        first = yield connection.connect(reactor, self.address())
+        second = yield connection.connect(reactor, self.address())
         yield first.next()
         yield second.next()
         self.assertEqual((yield self.probes()), (200, 503, "full", "up ready 0% maxconn:2\n"))
@@ -149,7 +149,7 @@ class OperatingTests(ServerTestMixin, unittest.TestCase):
         ports = [self.server.getServiceNamed(name).port.getHost().port
                  for name in ("TCP clients", "TCP clients (2)")]
         for port in ports:
-            client = yield clients.connect(reactor, "tcp://127.0.0.1:%d" % port)
+            client = yield connection.connect(reactor, "tcp://127.0.0.1:%d" % port)
             self.assertEqual((yield client.next())["type"], "hello")
             client.send_audio(speechlike(2, 0.4), final=True)
             yield client.final()
@@ -157,7 +157,7 @@ class OperatingTests(ServerTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_websocket_on_the_http_port(self):
-        client = yield clients.connect(reactor, "ws://127.0.0.1:%d/ws?sample_rate=8000"
+        client = yield connection.connect(reactor, "ws://127.0.0.1:%d/ws?sample_rate=8000"
                                        % (self.http,))
         hello = yield client.next()
         self.assertEqual(hello["sample_rate"], 8000)
@@ -169,7 +169,7 @@ class OperatingTests(ServerTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_metrics_over_http(self):
-        client = yield clients.connect(reactor, self.address())
+        client = yield connection.connect(reactor, self.address())
         yield client.next()
         client.send_audio(speechlike(4, 1.0), final=True)
         yield client.final()
@@ -222,14 +222,14 @@ class LoadingTests(unittest.TestCase):
         self.assertEqual(status["state"], "loading")
         for address in ("tcp://127.0.0.1:%d" % port["TCP clients"],
                         "ws://127.0.0.1:%d" % port["WebSocket clients"]):
-            client = yield clients.connect(reactor, address)
+            client = yield connection.connect(reactor, address)
             yield client.closed
             self.assertEqual(client.errors(), [
                 "The server is still loading its model; try again shortly."])
         release.set()
         yield wait_for(lambda: server.health.loaded)
         self.assertEqual((yield http_get(port["HTTP"], "/readyz"))[0], 200)
-        client = yield clients.connect(reactor, "tcp://127.0.0.1:%d" % port["TCP clients"])
+        client = yield connection.connect(reactor, "tcp://127.0.0.1:%d" % port["TCP clients"])
         self.assertEqual((yield client.next())["type"], "hello")
         client.send_audio(speechlike(5, 0.5), final=True)
         yield client.final()

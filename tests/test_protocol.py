@@ -9,10 +9,10 @@ import numpy as np
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from parakeet import messages
-from parakeet.engine import StepResult
-from parakeet.protocol import Limits, StreamSession
-from parakeet.registry import StreamRegistry
+from parakeet.server import messages
+from parakeet.contract import StepResult
+from parakeet.server.protocol import Limits, StreamSession
+from parakeet.server.registry import StreamRegistry
 
 from .fakes import FakeChannel, FakeLoop
 from .helpers import GEOMETRY
@@ -287,7 +287,7 @@ class TurnSessionTests(SessionCase):
         self.assertEqual((session.binary_encoding, session.encoding), ("f32", "pcm16"))
 
     def test_finalize_on_silence(self):
-        from parakeet.turns import TurnSettings
+        from parakeet.server.turns import TurnSettings
 
         session, channel = self.session(turns=TurnSettings(finalize_silence_ms=320))
         session.turns.vad = True

@@ -6,8 +6,8 @@ stream's result independent of the streams it is batched with.
 import torch
 from twisted.trial import unittest
 
-from parakeet.engine import Engine
-from parakeet.quantize import Int8Linear, Int8Pointwise, quantize_encoder
+from parakeet.engine.engine import Engine
+from parakeet.engine.quantize import Int8Linear, Int8Pointwise, quantize_encoder
 
 from .helpers import assert_engine_idle, speechlike, tiny_model_path
 from .test_engine import decode_together, stream_alone, tokens_of

@@ -8,7 +8,7 @@ from contextlib import redirect_stdout
 
 from twisted.trial import unittest
 
-from parakeet import reactorcost
+from parakeet.measuring import reactorcost
 
 
 class ReactorCostTests(unittest.TestCase):

@@ -1,5 +1,5 @@
 """
-Encoder cache slots (:mod:`parakeet.slots`) against NeMo's own context
+Encoder cache slots (:mod:`parakeet.engine.nemo.slots`) against NeMo's own context
 manager: the same caches read and stored for any sequence of batches, with
 fewer copies.
 """
@@ -11,7 +11,7 @@ from nemo.collections.asr.inference.utils.context_manager import (
     CacheAwareContext, CacheAwareContextManager)
 from twisted.trial import unittest
 
-from parakeet.slots import LowestFirst, SlotCaches
+from parakeet.engine.nemo.slots import LowestFirst, SlotCaches
 
 
 class CacheModel:

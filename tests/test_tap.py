@@ -15,8 +15,13 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
-from parakeet import cli, corpus, tap
-from parakeet.models import MODEL_SIZES, ModelUnavailable, check_reachable, load_asr_model
+from parakeet import cli
+
+from parakeet.training import corpus
+
+from parakeet.server import tap
+from parakeet.checkpoints import MODEL_SIZES, ModelUnavailable, check_reachable
+from parakeet.engine.nemo.loading import load_asr_model
 
 from .helpers import shared_tiny_engine, speechlike, tiny_model_path
 from .test_end_to_end import ServerTestMixin, wait_for
@@ -287,8 +292,8 @@ class CommandTests(unittest.TestCase):
         # From nothing to a transcript: the demo command loads the built-in
         # model, streams the bundled sample, prints both texts and keeps
         # serving (the page, a stream of ours) until Ctrl-C.
-        from parakeet.client import connect
-        from parakeet.models import DEMO_SAMPLE_TEXT
+        from parakeet.connection.connection import connect
+        from parakeet.checkpoints import DEMO_SAMPLE_TEXT
 
         from .test_demo_model import WER_BOUND
 
@@ -329,7 +334,7 @@ class CommandTests(unittest.TestCase):
     @defer.inlineCallbacks
     def serve_and_transcribe(self, argv, exit_status=0):
         """Start argv, stream over TCP and WebSocket, stop it with SIGTERM."""
-        from parakeet import client as clients
+        from parakeet.clients import connection
 
         from .helpers import offline_tokens, quantized
 
@@ -346,7 +351,7 @@ class CommandTests(unittest.TestCase):
         expected, _ = offline_tokens(shared_tiny_engine(), quantized(audio))
         for address in ("tcp://127.0.0.1:%d" % ports["TCP clients"],
                         "ws://127.0.0.1:%d" % ports["WebSocket clients"]):
-            client = yield clients.connect(reactor, address)
+            client = yield connection.connect(reactor, address)
             hello = yield client.next()
             self.assertEqual(hello["sample_rate"], 16000)
             client.send_audio(audio, final=True)
@@ -361,7 +366,7 @@ class CommandTests(unittest.TestCase):
         open_streams = []
         for address in ("tcp://127.0.0.1:%d" % ports["TCP clients"],
                         "ws://127.0.0.1:%d" % ports["WebSocket clients"]):
-            client = yield clients.connect(reactor, address)
+            client = yield connection.connect(reactor, address)
             yield client.next()
             client.send_audio(audio)
             yield client.next(lambda m: m["type"] == "result")

@@ -11,7 +11,7 @@ import os
 from twisted.internet import defer, endpoints, reactor
 from twisted.trial import unittest
 
-from parakeet import client as clients
+from parakeet.clients import connection
 
 from .helpers import offline_tokens, quantized, speechlike
 from .test_end_to_end import ServerTestMixin
@@ -74,7 +74,7 @@ class TLSTests(ServerTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def open(self, address, **kwargs):
-        client = yield clients.connect(reactor, address, **kwargs)
+        client = yield connection.connect(reactor, address, **kwargs)
         self.addCleanup(self._hang_up, client)
         return client
 

@@ -14,8 +14,10 @@ from twisted.internet import defer, protocol, reactor, utils
 from twisted.python import usage
 from twisted.trial import unittest
 
-from parakeet import corpus, transcribe
-from parakeet.bench import AudioSource
+from parakeet.training import corpus
+
+from parakeet.clients import transcribe
+from parakeet.clients.bench import AudioSource
 
 from .helpers import speechlike
 from .test_demo_model import HELDOUT, WER_BOUND, demo_engine
@@ -319,7 +321,7 @@ class CommandTests(ServerTestMixin, unittest.TestCase):
         # once the server is ready.
         import threading
 
-        from parakeet import tap
+        from parakeet.server import tap
 
         release = threading.Event()
         self.addCleanup(release.set)

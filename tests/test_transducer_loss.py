@@ -1,5 +1,5 @@
 """
-parakeet.transducer_loss against nemo_toolkit's reference RNN-T loss.
+parakeet.training.transducer_loss against nemo_toolkit's reference RNN-T loss.
 """
 
 import torch
@@ -7,7 +7,7 @@ from twisted.trial import unittest
 
 from nemo.collections.asr.losses.rnnt_pytorch import RNNTLossPytorch
 
-from parakeet.transducer_loss import TransducerLoss, transducer_nll
+from parakeet.training.transducer_loss import TransducerLoss, transducer_nll
 
 
 def reference(logits, targets, frames, labels, blank):

@@ -4,8 +4,8 @@ Turn detection on its own: a TurnTracker fed step results by hand.
 
 from twisted.trial import unittest
 
-from parakeet.engine import StepResult
-from parakeet.turns import END, PAUSE, RUNNING, START, TurnSettings, TurnTracker
+from parakeet.contract import StepResult
+from parakeet.server.turns import END, PAUSE, RUNNING, START, TurnSettings, TurnTracker
 
 EOU = 99
 W = "\u2581"

@@ -15,7 +15,7 @@ import numpy as np
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from parakeet import corpus
+from parakeet.training import corpus
 from parakeet.audio import encode_samples
 
 from .test_demo_model import demo_engine, heldout_clips

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from twisted.trial import unittest
 
-from parakeet.models import DEMO_SAMPLE
-from parakeet.vad import WINDOW, VoiceActivity
+from parakeet.checkpoints import DEMO_SAMPLE
+from parakeet.engine.vad import WINDOW, VoiceActivity
 
 
 def speech_sample():
@@ -56,7 +56,8 @@ class VoiceActivityTests(unittest.TestCase):
         self.assertLess(min(got[1]), 0.1)
 
     def test_window_length_is_the_one_turns_count(self):
-        from parakeet import turns, vad
+        from parakeet.server import turns
+        from parakeet.engine import vad
 
         self.assertEqual(vad.WINDOW_MS, turns.WINDOW_MS)
 

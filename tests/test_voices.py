@@ -1,5 +1,5 @@
 """
-parakeet.voices: every installed engine reads text aloud at 16 kHz, at the
+parakeet.training.voices: every installed engine reads text aloud at 16 kHz, at the
 rate asked; the held-out voices are never training voices.
 """
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 from twisted.trial import unittest
 
-from parakeet import voices
+from parakeet.training import voices
 
 TEXT = "set an alarm for seven thirty"
 

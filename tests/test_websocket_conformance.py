@@ -37,8 +37,8 @@ import struct
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.trial import unittest
 
-from parakeet import tap
-from parakeet.transports import WEBSOCKET_HARD_LIMIT_FACTOR
+from parakeet.server import tap
+from parakeet.server.transports import WEBSOCKET_HARD_LIMIT_FACTOR
 
 from .fakes import FakeEngine
 from .helpers import GEOMETRY

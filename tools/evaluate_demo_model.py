@@ -23,7 +23,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from parakeet import augment, corpus, voices  # noqa: E402
+from parakeet.training import augment, corpus
+
+from parakeet import voices  # noqa: E402
 
 #: Recordings of people in Debian's pocketsphinx-testdata whose words are
 #: all the domain's: (file under its data folder, transcript).  The rest of
@@ -100,7 +102,7 @@ def decode_streaming(engine, audios, batch=16):
     """Token ids the server's engine emits for each of audios, decoded as
     concurrent streams, batch at a time, one chunk of each per step (the
     engine is batch-invariant, so this is what each would get alone)."""
-    from parakeet.frontend import ChunkCutter
+    from parakeet.contract import ChunkCutter
 
     tokens = []
     for start in range(0, len(audios), batch):
@@ -177,7 +179,7 @@ def human_clips():
 
 
 def evaluate(model, work, per_set=60):
-    from parakeet.engine import Engine
+    from parakeet.engine.engine import Engine
 
     engine = Engine.load(model, device="cpu", num_slots=16, batch_size=16)
     sets = build_sets(work, per_set)
@@ -250,7 +252,7 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
 
-    from parakeet.models import quiet_nemo
+    from parakeet.engine.nemo.loading import quiet_nemo
 
     quiet_nemo()
     report = evaluate(args.model, args.work, args.per_set)

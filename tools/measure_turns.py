@@ -15,7 +15,7 @@ loopback running the demo model, and reports:
 
     python tools/measure_turns.py MANIFEST [--per-stream 5] [--streams 8]
 
-MANIFEST is a held-out manifest written by ``parakeet.corpus.write_set``
+MANIFEST is a held-out manifest written by ``parakeet.training.corpus.write_set``
 (``tests/data/heldout/manifest.json``, or ``heldout.json`` of a training
 run's work folder).
 """
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 def load_conversations(manifest, per_stream, streams):
     import soundfile
 
-    from parakeet import corpus
+    from parakeet.training import corpus
 
     rows = corpus.read_manifest(manifest)
     folder = os.path.dirname(os.path.abspath(manifest))
@@ -60,8 +60,9 @@ def load_conversations(manifest, per_stream, streams):
 def segmentation(reactor, conversations):
     from twisted.internet import defer
 
-    from parakeet import client as clients
-    from parakeet import corpus, tap
+    from parakeet.clients import connection
+    from parakeet.training import corpus
+    from parakeet.server import tap
     from parakeet.audio import encode_samples
 
     options = tap.Options()
@@ -73,7 +74,7 @@ def segmentation(reactor, conversations):
 
     @defer.inlineCallbacks
     def one(audio):
-        client = yield clients.connect(reactor, "tcp://127.0.0.1:%d" % port)
+        client = yield connection.connect(reactor, "tcp://127.0.0.1:%d" % port)
         yield client.next(lambda m: m["type"] == "hello")
         for start in range(0, len(audio), 1600):
             payload = encode_samples(audio[start:start + 1600])
@@ -124,7 +125,7 @@ def costs(audio):
     import torch
 
     from parakeet.audio import Resampler
-    from parakeet.vad import VoiceActivity
+    from parakeet.engine.vad import VoiceActivity
 
     torch.set_num_threads(1)
     report = {}
@@ -160,7 +161,7 @@ def main(argv=None):
 
     from twisted.internet import reactor
 
-    from parakeet.models import quiet_nemo
+    from parakeet.engine.nemo.loading import quiet_nemo
 
     quiet_nemo()
     conversations = load_conversations(args.manifest, args.per_stream, args.streams)

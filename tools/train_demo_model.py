@@ -1,11 +1,11 @@
 """
 Train the built-in demo model (``parakeet-server serve --model demo``).
 
-The corpus (``parakeet.corpus``) is text of a voice-assistant domain, its
+The corpus (``parakeet.training.corpus``) is text of a voice-assistant domain, its
 sentences and text that breaks them (random word sequences, digit strings,
 numbers, single words, commands cut short), read aloud by four offline
-synthesisers in many voices and settings (``parakeet.voices``) and put
-through rooms, noise, microphones and telephones (``parakeet.augment``);
+synthesisers in many voices and settings (``parakeet.training.voices``) and put
+through rooms, noise, microphones and telephones (``parakeet.training.augment``);
 every transcript ends with ``<EOU>`` so that the model learns to mark the
 end of an utterance.  Whole voices that never occur in training (flite's
 rms, festival's ked, espeak-ng's held-out variants) make the validation
@@ -15,7 +15,7 @@ geometry as the small checkpoint (causal 8x dw_striding subsampling,
 chunked_limited attention with context [70, 1]: 160 ms chunks) with an
 auxiliary CTC head, trained with nemo_toolkit's own training loop (its hybrid
 RNNT-CTC model; the transducer loss vectorised for CPUs,
-``parakeet.transducer_loss``).
+``parakeet.training.transducer_loss``).
 
 docs/demo-model.rst gives the commands that made the shipped model, with
 their wall times.  The synthesisers that are not installed are left out
@@ -35,9 +35,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 
-from parakeet import corpus, voices  # noqa: E402
-from parakeet.transducer_loss import TransducerLoss  # noqa: E402
-from parakeet.replica import Architecture, model_config, train_tokenizer  # noqa: E402
+from parakeet.training import corpus
+
+from parakeet import voices  # noqa: E402
+from parakeet.training.transducer_loss import TransducerLoss  # noqa: E402
+from parakeet.measuring.replica import Architecture, model_config, train_tokenizer  # noqa: E402
 
 #: The demo model: the small model's family and streaming geometry, sized to
 #: train on a few CPU cores in well under an hour.
@@ -191,7 +193,7 @@ def evaluate(model_path, manifest, frame_ms=80):
     import soundfile
 
     from evaluate_demo_model import decode_streaming, end_of_utterance
-    from parakeet.engine import Engine
+    from parakeet.engine.engine import Engine
 
     engine = Engine.load(model_path, device="cpu", num_slots=16, batch_size=16)
     rows = corpus.read_manifest(manifest)
@@ -241,7 +243,7 @@ def main(argv=None):
                         help="synthesis processes")
     args = parser.parse_args(argv)
 
-    from parakeet.models import quiet_nemo
+    from parakeet.engine.nemo.loading import quiet_nemo
 
     quiet_nemo()
     random.seed(args.seed)

@@ -1,3 +1,3 @@
 from twisted.application.service import ServiceMaker
 
-Parakeet = ServiceMaker("parakeet", "parakeet.tap", "Streaming speech recognition server.", "parakeet")
+Parakeet = ServiceMaker("parakeet", "parakeet.server.tap", "Streaming speech recognition server.", "parakeet")

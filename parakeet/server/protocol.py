@@ -11,7 +11,7 @@ import attr
 from twisted.logger import Logger
 
 from . import messages
-from .audio import AudioError, decode_samples
+from ..audio import AudioError, decode_samples
 from .registry import RegistryClosed, RegistryFull, RegistryLoading
 from .turns import TurnSettings, TurnTracker
 

@@ -17,7 +17,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, endpoints, protocol
 from twisted.protocols.basic import LineReceiver
 
-from .audio import encode_samples
+from ..audio import encode_samples
 
 
 class StreamClient:

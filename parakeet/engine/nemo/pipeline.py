@@ -10,7 +10,7 @@ pipeline's per-stream states, the cache-slot bookkeeping of its context manager,
 What :class:`ServingPipeline` changes, each because the stock pipeline falls
 short for a server:
 
-* Features come from :mod:`parakeet.frontend` as exact per-chunk feature
+* Features come from :mod:`parakeet.contract` as exact per-chunk feature
   buffers (``FeatureBuffer`` requests) instead of the pipeline's own
   bufferer, whose chunk-local mel frames and padded first chunk make
   streaming differ from offline decoding of the same audio.
@@ -24,7 +24,7 @@ short for a server:
 * Each step also records whether NeMo's blank-based endpointing
   (``stop_history_eou``) found the end of an utterance; the server combines
   it with the model's ``<EOU>`` token and voice activity
-  (:mod:`parakeet.turns`).  The stock pipeline's label history is exactly
+  (:mod:`parakeet.server.turns`).  The stock pipeline's label history is exactly
   ``stop_history_eou`` frames long while its endpointer asks for *more*
   blank frames than that, so it never fires; the history here holds one
   frame more.
@@ -33,7 +33,7 @@ short for a server:
   stream) is not computed: the server builds text incrementally from the
   emitted tokens.
 * Encoder caches are gathered and written back with fewer copies
-  (:mod:`parakeet.slots`).
+  (:mod:`parakeet.engine.nemo.slots`).
 * Streams' last chunks are decoded in the same encoder call as the other
   chunks of the step.  The stock pipeline gives them a call of their own
   (they keep all of their outputs), which made every step that ended a
@@ -57,7 +57,7 @@ from nemo.collections.asr.inference.pipelines.cache_aware_rnnt_pipeline import (
 from nemo.collections.asr.inference.utils.context_manager import CacheAwareContext
 
 from .fastencoder import RowDrops, accelerate
-from .models import load_asr_model
+from .loading import load_asr_model
 from .slots import SlotCaches
 
 
@@ -129,7 +129,7 @@ def att_context_for(asr, chunk_ms):
 
 
 class ServingModel(CacheAwareRNNTInferenceWrapper):
-    """The NeMo wrapper, loading through :func:`parakeet.models.load_asr_model`.
+    """The NeMo wrapper, loading through :func:`parakeet.engine.nemo.loading.load_asr_model`.
 
     It also runs the model in bfloat16 on the CPU when asked (NeMo's wrapper
     runs every CPU model in float32): on CPUs with AMX or AVX-512 BF16 a

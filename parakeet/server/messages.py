@@ -10,7 +10,7 @@ import json
 
 import attr
 
-from .audio import AudioError, check_rate, decode_samples, ENCODINGS
+from ..audio import AudioError, check_rate, decode_samples, ENCODINGS
 
 NO_FREE_STATE = "No free streaming state available."
 SHUTTING_DOWN = "The server is shutting down."

@@ -5,7 +5,7 @@ A :class:`ServerMetrics` owns a ``CollectorRegistry`` of its own, so that
 several servers in one process (the tests) each count their own streams.
 The registry, the decode loop and the sessions report to it through
 ``StreamRegistry.metrics``, which :meth:`ServerMetrics.attach` points at it;
-until then they report to a :class:`~parakeet.registry.NoMetrics` that
+until then they report to a :class:`~parakeet.server.registry.NoMetrics` that
 counts nothing.
 
 The hooks cost little where it matters: nothing is done per audio message.

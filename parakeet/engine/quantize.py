@@ -79,7 +79,7 @@ def quantize_encoder(encoder):
 
     Attention position projections stay in float: the accelerated streaming
     step computes them once per geometry.  Returns how many were replaced."""
-    from .fastencoder import is_pointwise
+    from .nemo.fastencoder import is_pointwise
 
     targets = []
     for name, module in encoder.named_modules():

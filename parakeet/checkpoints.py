@@ -1,5 +1,8 @@
 """
-Which checkpoint to serve, and loading it with nemo_toolkit's own loaders.
+Which checkpoint to serve: the model names and sizes the server knows, the
+built-in demo model and its sample, and whether a Hugging Face id can be
+had, all without importing torch or NeMo.  Loading it is
+:mod:`parakeet.engine.nemo.loading`'s.
 """
 
 import os
@@ -27,24 +30,13 @@ DEMO_SAMPLE_TEXT = ("set an alarm for seven thirty in the morning "
 PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 
 
-def quiet_nemo():
-    """NeMo logs every detail of model loading at INFO, and its telemetry
-    package warns that it is off; keep their errors only."""
-    import logging
-
-    logging.getLogger("nv_one_logger").setLevel(logging.ERROR)
-    from nemo.utils import logging as nemo_logging
-
-    nemo_logging.setLevel(logging.ERROR)
-
-
 def served_name(model_name):
     """What the server calls the model it loaded from model_name: a built-in
     model's name ("demo"), else the Hugging Face id or the file's name."""
     for name, path in BUILTIN_MODELS.items():
         if model_name == path:
             return name
-    return os.path.basename(model_name) if _is_path(model_name) else model_name
+    return os.path.basename(model_name) if is_path(model_name) else model_name
 
 
 class ModelUnavailable(Exception):
@@ -63,7 +55,7 @@ def resolve_model(model=None, model_size="small"):
                          % (model_size, ", ".join(sorted(MODEL_SIZES))))
 
 
-def _is_path(name):
+def is_path(name):
     return name.endswith(".nemo") or os.path.exists(os.path.expanduser(name))
 
 
@@ -83,7 +75,7 @@ def check_reachable(name):
     """Fail in seconds, before NeMo is imported, when name is a Hugging Face
     id that is neither in the cache nor reachable: raises ModelUnavailable.
     A path, or an id with a snapshot in the cache, passes unchecked."""
-    if _is_path(name) or "/" not in name:
+    if is_path(name) or "/" not in name:
         return
     from huggingface_hub import HfApi, constants
 
@@ -96,35 +88,9 @@ def check_reachable(name):
     try:
         HfApi().model_info(name, timeout=10)
     except Exception as e:
-        raise ModelUnavailable(unavailable_message(name, _one_line(e)))
+        raise ModelUnavailable(unavailable_message(name, one_line(e)))
 
 
-def load_asr_model(name, map_location):
-    """Load a NeMo ASR model by Hugging Face id or local ``.nemo`` path.
-
-    Raises :class:`ModelUnavailable` with a one-line explanation when the
-    weights are neither on disk nor downloadable.
-    """
-    from nemo.collections.asr.models import ASRModel
-
-    if _is_path(name):
-        path = os.path.expanduser(name)
-        if not os.path.isfile(path):
-            raise ModelUnavailable("cannot load model %s: no such file" % (name,))
-        try:
-            model = ASRModel.restore_from(path, map_location=map_location)
-        except Exception as e:
-            raise ModelUnavailable("cannot load model %s: not a usable .nemo "
-                                   "checkpoint (%s)" % (name, _one_line(e)))
-    else:
-        try:
-            model = ASRModel.from_pretrained(name, map_location=map_location)
-        except Exception as e:
-            raise ModelUnavailable(unavailable_message(name, _one_line(e)))
-    model.eval()
-    return model
-
-
-def _one_line(exc):
+def one_line(exc):
     text = str(exc).strip().splitlines()
     return "%s: %s" % (type(exc).__name__, text[0] if text else "")

@@ -8,7 +8,7 @@ opens N concurrent streams, sends each of them real audio paced in real time
 how late the server's results come back, how many streams kept up, and, with
 ``--server-pid``, the server's CPU and memory.  ``--find-max`` searches for
 the most streams the server keeps up with; ``--ceiling-model`` runs the
-same model in-process (:mod:`parakeet.ceiling`) for comparison: in lockstep,
+same model in-process (:mod:`parakeet.measuring.ceiling`) for comparison: in lockstep,
 and paced as the server decodes, with no sockets and no reactor.
 
 Latency is measured with the ``audio_ms`` every result carries: the audio,
@@ -39,9 +39,9 @@ from twisted.internet import defer, endpoints, task
 from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
 
-from .options import CommandOptions
-from .tap import not_negative, positive
-from .transports import send_at_once, skip_debug_formatting
+from ..options import CommandOptions
+from ..server.tap import not_negative, positive
+from ..server.transports import send_at_once, skip_debug_formatting
 
 #: What espeak-ng reads aloud when no --audio is given.
 SPEECH_TEXT = (
@@ -135,7 +135,7 @@ class Options(CommandOptions):
          "report its CPU and memory.", int),
         ("json", None, None, "Also write the full report to this file as JSON."),
         ("ceiling-model", None, None, "The served model's .nemo file: also time it "
-         "in-process (parakeet.ceiling) at the same N before the load."),
+         "in-process (parakeet.measuring.ceiling) at the same N before the load."),
         ("ceiling-device", None, "cpu", "PyTorch device for --ceiling-model."),
         ("ceiling-seconds", None, None, "Audio per stream for --ceiling-model, in "
          "seconds [default: --seconds]; its streams start as the load's do "
@@ -328,7 +328,7 @@ def read_audio_file(path):
 
 
 def synthesized_audio(text=SPEECH_TEXT):
-    """Speech from espeak-ng when it is on PATH, else parakeet.replica's
+    """Speech from espeak-ng when it is on PATH, else parakeet.measuring.replica's
     synthetic stand-in for speech (tones in noise)."""
     espeak = shutil.which("espeak-ng")
     if espeak:
@@ -345,11 +345,11 @@ def synthesized_audio(text=SPEECH_TEXT):
             source.description = "speech synthesized by espeak-ng (%.1f s at %d Hz)" % (
                 source.seconds, source.rate)
             return source
-    from .replica import SAMPLE_RATE, calibration_audio
+    from ..measuring.replica import SAMPLE_RATE, calibration_audio
 
     seconds = 10.0
     return AudioSource(calibration_audio(0, seconds), SAMPLE_RATE,
-                       "synthetic tones in noise, parakeet.replica.calibration_audio "
+                       "synthetic tones in noise, parakeet.measuring.replica.calibration_audio "
                        "(%.1f s at %d Hz; espeak-ng is not installed)"
                        % (seconds, SAMPLE_RATE))
 
@@ -369,7 +369,7 @@ class Payloads:
     def __init__(self, samples, rate, seconds, chunk_ms, framing):
         import numpy as np
 
-        from .audio import encode_samples
+        from ..audio import encode_samples
 
         chunk = max(1, round(rate * chunk_ms / 1000.0))
         total = max(1, round(seconds * rate))
@@ -834,21 +834,21 @@ def verdict(run, p95_ms):
 
 def load_engine(path, device, capacity, precision=None):
     """The model at path, ready to decode capacity streams in one step."""
-    from .engine import Engine
+    from ..engine.engine import Engine
 
     return Engine.load(path, device=device, num_slots=capacity, batch_size=capacity,
                        precision=precision)
 
 
 class Ceiling:
-    """The served model driven in-process by :mod:`parakeet.ceiling`: what
+    """The served model driven in-process by :mod:`parakeet.measuring.ceiling`: what
     the engine can do with no sockets and no reactor."""
 
     def __init__(self, path, device, seconds, threads=None, precision=None,
                  p95_ms=320.0, keep_up_ms=1000.0, message_ms=100, stagger=None,
                  source=None):
         """stagger: seconds over which the paced streams' starts spread
-        [default: as :func:`parakeet.ceiling.measure_paced` spreads them];
+        [default: as :func:`parakeet.measuring.ceiling.measure_paced` spreads them];
         source: the :class:`AudioSource` every stream decodes [default:
         the replica's calibration audio]."""
         self.p95_ms = p95_ms
@@ -869,7 +869,7 @@ class Ceiling:
         """n streams decoded in lockstep (step times, and whether a step fits
         in a chunk), then paced as the server decodes them (latencies, and
         whether they pass as the bench's probes do)."""
-        from . import ceiling
+        from ..measuring import ceiling
 
         if self.threads:
             import torch
@@ -1153,7 +1153,7 @@ def _ceiling(reactor, options, say, source):
                "probes": [], "max_streams": None}
     say()
     say("ceiling: %s driven in-process on %s in %s with %s torch threads "
-        "(parakeet.ceiling) on the load's audio, the server idle"
+        "(parakeet.measuring.ceiling) on the load's audio, the server idle"
         % (options["ceiling-model"], options["ceiling-device"],
            options["ceiling-precision"] or "its default precision",
            options["ceiling-threads"] or "the default number of"))

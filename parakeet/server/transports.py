@@ -1,7 +1,7 @@
 """
 The transports: newline-delimited JSON over TCP, JSON messages over
 WebSocket, and the one-shot status port.  Each turns bytes into complete
-messages for a :class:`~parakeet.protocol.StreamSession`.
+messages for a :class:`~parakeet.server.protocol.StreamSession`.
 """
 
 import re
@@ -16,7 +16,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from . import messages
-from .audio import ENCODINGS, AudioError, check_rate
+from ..audio import ENCODINGS, AudioError, check_rate
 from .auth import (
     AUTH_TIMEOUT_SECONDS, MAX_AUTH_LINE_BYTES, POLICY_VIOLATION, SUBPROTOCOL,
     TOKEN_SUBPROTOCOL_PREFIX, Refusal, is_auth_message, normalize_origin, origin_allowed,

@@ -1,5 +1,10 @@
 """
-Cutting a live audio stream into the encoder's chunks, exactly.
+What passes between the server and the engine, with no torch and no reactor:
+the chunk geometry of a served model, the chunks of audio the model thread
+decodes (:class:`Chunk`), what one decoding step returns for a stream
+(:class:`StepResult`), and the text of a token (:func:`piece_text`).
+
+How a live stream is cut into the encoder's chunks, exactly:
 
 A cache-aware model is trained on log-mel frames computed over whole
 utterances.  Frame ``j`` is computed from the samples
@@ -19,8 +24,12 @@ everything the next chunk's frames need (and nothing padded that should not
 be), on the chunk grid the model was built for, so that streaming decodes
 exactly what offline decoding of the same audio would.
 
-This module runs on the reactor thread and needs only numpy.
+Both sides cut with :class:`ChunkCutter`: the server, per stream, on the
+reactor thread; the engine, for offline decoding and warm-up, so that both
+decode the same chunks.  This module needs only numpy and attrs.
 """
+
+import re
 
 import attr
 import numpy as np
@@ -193,3 +202,39 @@ class ChunkCutter:
             self.done = True
             self._buf = self._buf[:0]
         return chunk
+
+
+#: The end-of-utterance token of the small model and the demo model.
+EOU = "<EOU>"
+
+
+@attr.s(frozen=True, slots=True)
+class StepResult:
+    """What one step decoded for one stream: the tokens it newly emitted."""
+
+    stream_id = attr.ib()
+    token_ids = attr.ib()
+    confidences = attr.ib()
+    text = attr.ib()  #: the text those tokens add to the transcript
+    is_last = attr.ib()
+    #: Encoder frame (from the stream's start) at which each token came.
+    frames = attr.ib(factory=list)
+    #: Speech probability of each 32 ms window of audio the step heard
+    #: (empty without voice activity detection).
+    speech = attr.ib(factory=list)
+    #: NeMo's endpointing found an end of utterance (blank output).
+    endpoint = attr.ib(default=False)
+    #: The tokenizer's piece of each token.
+    pieces = attr.ib(factory=list)
+
+
+WORD_START = "\u2581"
+_CONTROL_PIECE = re.compile(r"^<[^<>]+>$")
+
+
+def piece_text(piece):
+    """What a tokenizer piece adds to a transcript: its text, a space where
+    a word starts, nothing for a control token such as ``<EOU>``."""
+    if _CONTROL_PIECE.match(piece):
+        return ""
+    return piece.replace(WORD_START, " ")

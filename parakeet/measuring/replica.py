@@ -218,7 +218,7 @@ def build_replica(name_or_arch, path, seed=0):
     """Build a random-weight replica and save it as a ``.nemo`` file at path."""
     import torch
 
-    from .models import quiet_nemo
+    from ..engine.nemo.loading import quiet_nemo
 
     quiet_nemo()
     from nemo.collections.asr.models import EncDecRNNTBPEModel

@@ -18,20 +18,9 @@ An utterance starts with its first word and ends at the first of:
 * the end of the stream.
 """
 
-import re
-
 import attr
 
-WORD_START = "\u2581"
-_CONTROL_PIECE = re.compile(r"^<[^<>]+>$")
-
-
-def piece_text(piece):
-    """What a tokenizer piece adds to a transcript: its text, a space where
-    a word starts, nothing for a control token such as ``<EOU>``."""
-    if _CONTROL_PIECE.match(piece):
-        return ""
-    return piece.replace(WORD_START, " ")
+from ..contract import WORD_START, piece_text
 
 START = "start_of_utterance"
 RUNNING = "running"
@@ -41,7 +30,7 @@ END = "end_of_utterance"
 SPEECH = "speech"
 SILENCE = "silence"
 
-#: Milliseconds of audio in each voice activity window (parakeet.vad).
+#: Milliseconds of audio in each voice activity window (parakeet.engine.vad).
 WINDOW_MS = 32
 
 #: How far below the threshold a window's speech probability must fall to

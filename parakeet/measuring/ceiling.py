@@ -2,7 +2,7 @@
 How fast the engine decodes with no sockets and no reactor: the ceiling that
 the server's own throughput is measured against.
 
-    python -m parakeet.ceiling --arch small --streams 1,2,4,8
+    python -m parakeet.measuring.ceiling --arch small --streams 1,2,4,8
 
 builds (once, then reuses) a random-weight replica of the named architecture,
 drives N streams in lockstep through :meth:`Engine.step`, one chunk each per
@@ -52,7 +52,7 @@ def replica_path(arch, cache_dir):
 def stream_audio(engine, i, seconds, audio=None):
     """Stream i's audio: audio (samples at the engine's rate) looped or cut
     to seconds, as the bench sends it to every stream; without it,
-    :func:`parakeet.replica.calibration_audio`."""
+    :func:`parakeet.measuring.replica.calibration_audio`."""
     from .replica import calibration_audio
 
     if audio is None:
@@ -63,7 +63,7 @@ def stream_audio(engine, i, seconds, audio=None):
 def measure(engine, n_streams, seconds, first_id, audio=None):
     """Per-step wall times (s) of n_streams decoded together, one chunk each
     (audio: as :func:`stream_audio`)."""
-    from .frontend import ChunkCutter
+    from ..contract import ChunkCutter
 
     cutters = []
     for i in range(n_streams):
@@ -96,7 +96,7 @@ def measure_paced(engine, n_streams, seconds, first_id, stagger=None, message_ms
     arrival of a stream's last piece to the end of the step of its last
     chunk.  audio: as :func:`stream_audio`.
     """
-    from .frontend import ChunkCutter
+    from ..contract import ChunkCutter
 
     if stagger is None:
         stagger = min(seconds / 4, 5.0)
@@ -171,7 +171,7 @@ def main(argv=None):
         raise SystemExit("%s\n%s" % (options, e))
     import torch
 
-    from .engine import Engine
+    from ..engine.engine import Engine
 
     if options["threads"]:
         torch.set_num_threads(options["threads"])

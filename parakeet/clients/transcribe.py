@@ -18,11 +18,11 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python import usage
 from zope.interface import implementer
 
-from .audio import MAX_RATE, MIN_RATE
-from .messages import LOADING
-from .models import DEMO_SAMPLE
-from .options import CommandOptions
-from .tap import not_negative
+from ..audio import MAX_RATE, MIN_RATE
+from ..server.messages import LOADING
+from ..checkpoints import DEMO_SAMPLE
+from ..options import CommandOptions
+from ..server.tap import not_negative
 
 #: Audio per message, in seconds.
 PIECE_SECONDS = 0.1
@@ -126,7 +126,7 @@ class _Writable:
 
 
 def _connect(reactor, url, token=None, trust=None):
-    from .client import connect
+    from .connection import connect
 
     try:
         return connect(reactor, url, token=token, trust=trust)

@@ -11,10 +11,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import failure, usage
 
-from . import __version__
-from .audio import MAX_RATE, MIN_RATE
-from .models import MODEL_SIZES, PRECISIONS, check_reachable, resolve_model, served_name
-from .options import CommandOptions
+from .. import __version__
+from ..audio import MAX_RATE, MIN_RATE
+from ..checkpoints import MODEL_SIZES, PRECISIONS, check_reachable, resolve_model, served_name
+from ..options import CommandOptions
 
 log = Logger()
 
@@ -255,11 +255,11 @@ def in_own_thread(reactor, f, *args, **kwargs):
 
 def load_engine(config):
     """The engine for config (blocking: run it off the reactor thread)."""
-    from .allocator import freeze_loaded_objects
+    from ..engine.allocator import freeze_loaded_objects
 
     name = resolve_model(config["model"], config["model-size"])
     check_reachable(name)
-    from .engine import Engine
+    from ..engine.engine import Engine
 
     engine = Engine.load(
         name, device=config["device"],
@@ -275,7 +275,7 @@ def makeService(config, reactor=None, engine=None):
     when it starts, answering probes (and refusing streams) meanwhile."""
     if reactor is None:
         from twisted.internet import reactor
-    from .allocator import use_one_arena
+    from ..engine.allocator import use_one_arena
     from .auth import TokenReloader, TokenStore, parse_origins
     from .health import Health
     from .metrics import ServerMetrics
@@ -354,7 +354,7 @@ class ServerService(service.MultiService):
 
     def serve(self, engine):
         """Start decoding with engine, a loaded model."""
-        from .scheduler import DecodeLoop
+        from .decodeloop import DecodeLoop
 
         config = self.config
         engine.endpointing_ms = config["eou-silence-ms"]
@@ -388,7 +388,7 @@ class ServerService(service.MultiService):
             self.serve(engine)
 
     def _load_failed(self, reason):
-        from .models import ModelUnavailable
+        from ..checkpoints import ModelUnavailable
 
         if reason.check(ModelUnavailable, ValueError):
             message = reason.getErrorMessage()

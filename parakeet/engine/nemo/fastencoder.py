@@ -485,7 +485,7 @@ def _conv_step(conv, x, pad_mask, cache, cache_next):
 
 def _pointwise(conv, x):
     """A width-one convolution of channels-last x."""
-    channels_last = getattr(conv, "channels_last", None)  # parakeet.quantize's
+    channels_last = getattr(conv, "channels_last", None)  # parakeet.engine.quantize's
     if channels_last is not None:
         return channels_last(x)
     return F.linear(x, conv.weight.squeeze(-1), conv.bias)

@@ -4,41 +4,16 @@ The model side of the server: one batched decoding step over many streams.
 Everything here runs on the model thread, never on the reactor thread.
 """
 
-import attr
 import numpy as np
 import torch
 from twisted.logger import Logger
 
+from ..checkpoints import PRECISIONS
+from ..contract import EOU, ChunkGeometry, StepResult, piece_text
 from .allocator import keep_cpu_kernels
-from .frontend import ChunkGeometry
-from .models import PRECISIONS, quiet_nemo
-from .turns import piece_text
+from .nemo.loading import quiet_nemo
 
 log = Logger()
-
-#: The end-of-utterance token of the small model and the demo model.
-EOU = "<EOU>"
-
-
-@attr.s(frozen=True, slots=True)
-class StepResult:
-    """What one step decoded for one stream: the tokens it newly emitted."""
-
-    stream_id = attr.ib()
-    token_ids = attr.ib()
-    confidences = attr.ib()
-    text = attr.ib()  #: the text those tokens add to the transcript
-    is_last = attr.ib()
-    #: Encoder frame (from the stream's start) at which each token came.
-    frames = attr.ib(factory=list)
-    #: Speech probability of each 32 ms window of audio the step heard
-    #: (empty without voice activity detection).
-    speech = attr.ib(factory=list)
-    #: NeMo's endpointing found an end of utterance (blank output).
-    endpoint = attr.ib(default=False)
-    #: The tokenizer's piece of each token.
-    pieces = attr.ib(factory=list)
-
 
 def parse_device(device):
     """``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available) -> (kind, index)."""
@@ -60,7 +35,7 @@ class Engine:
     """A served model: chunk geometry, feature extraction and the batched step."""
 
     def __init__(self, pipeline, model_name, precision="float32", vad=None):
-        """vad: a :class:`parakeet.vad.VoiceActivity`, or None for none."""
+        """vad: a :class:`parakeet.engine.vad.VoiceActivity`, or None for none."""
         self.pipeline = pipeline
         self.vad = vad
         self.model_name = model_name
@@ -113,11 +88,11 @@ class Engine:
     def load(cls, model_name, device=None, num_slots=16, batch_size=16,
              chunk_ms=None, precision=None, fast_encoder=True, vad=True):
         """precision: ``float32``, ``bfloat16``, ``float16``, or ``int8``
-        (CPU only: eight-bit encoder weights, :mod:`parakeet.quantize`);
+        (CPU only: eight-bit encoder weights, :mod:`parakeet.engine.quantize`);
         None: bfloat16 on CUDA, float32 on the CPU.  vad: run voice activity
         detection on every stream."""
         quiet_nemo()
-        from .pipeline import ServingPipeline, pipeline_config
+        from .nemo.pipeline import ServingPipeline, pipeline_config
 
         kind, index = parse_device(device)
         if kind == "cpu":
@@ -245,7 +220,7 @@ class Engine:
     def warm_up(self, seconds=1.0, stream_id=0):
         """Decode seconds of silence as one stream (an id no client gets), so
         that the first clients' steps do not pay for what is set up lazily."""
-        from .frontend import ChunkCutter
+        from ..contract import ChunkCutter
 
         cutter = ChunkCutter(stream_id, self.geometry)
         cutter.push(np.zeros(int(seconds * self.sample_rate), dtype=np.float32))

@@ -1,7 +1,7 @@
 import numpy as np
 from twisted.trial import unittest
 
-from parakeet.frontend import ChunkCutter
+from parakeet.contract import ChunkCutter
 
 from .helpers import GEOMETRY
 

@@ -7,8 +7,8 @@ from collections import OrderedDict
 import attr
 from twisted.logger import Logger
 
-from .audio import Resampler
-from .frontend import ChunkCutter
+from ..audio import Resampler
+from ..contract import ChunkCutter
 
 
 class RegistryFull(Exception):
@@ -93,7 +93,7 @@ class RegistryLoading(Exception):
 class NoMetrics:
     """What the registry, the decode loop and the sessions tell
     ``StreamRegistry.metrics``; this one counts nothing
-    (:class:`parakeet.metrics.ServerMetrics` does)."""
+    (:class:`parakeet.server.metrics.ServerMetrics` does)."""
 
     def opened(self, stream):
         """stream was opened."""

@@ -1,8 +1,8 @@
 """
 The demo model's domain: sentences a voice assistant hears (digits,
 numbers, times and commands) and text that breaks their templates, and
-sets of them read aloud (``parakeet.voices``) with silences around them,
-plain or through ``parakeet.augment``'s rooms, noises and channels.
+sets of them read aloud (``parakeet.training.voices``) with silences around them,
+plain or through ``parakeet.training.augment``'s rooms, noises and channels.
 
 Used by ``tools/train_demo_model.py`` to build its corpus and by the tests
 to check what the demo model recognises.
@@ -14,7 +14,7 @@ import random
 
 import attr
 
-from parakeet import augment, voices
+from parakeet.training import augment, voices
 
 SAMPLE_RATE = 16000
 

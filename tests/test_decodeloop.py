@@ -3,8 +3,8 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from parakeet.registry import StreamRegistry
-from parakeet.scheduler import DecodeLoop
+from parakeet.server.registry import StreamRegistry
+from parakeet.server.decodeloop import DecodeLoop
 
 from .fakes import FakeEngine, RecordingListener
 from .helpers import GEOMETRY

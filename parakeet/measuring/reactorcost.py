@@ -1,7 +1,7 @@
 """
 What one audio message costs the reactor thread, with no model involved.
 
-    python -m parakeet.reactorcost --messages 2000 --chunk-ms 100
+    python -m parakeet.measuring.reactorcost --messages 2000 --chunk-ms 100
 
 feeds audio messages to the server's own TCP protocol (a line of JSON with
 base64 pcm16), to its stream session as a binary WebSocket message would
@@ -24,11 +24,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 
-from .audio import encode_samples
-from .frontend import ChunkGeometry
-from .protocol import Limits
-from .registry import StreamRegistry
-from .transports import StreamLineFactory, StreamWebSocketFactory
+from ..audio import encode_samples
+from ..contract import ChunkGeometry
+from ..server.protocol import Limits
+from ..server.registry import StreamRegistry
+from ..server.transports import StreamLineFactory, StreamWebSocketFactory
 
 #: The geometry of the served models (160 ms chunks at 16 kHz).
 GEOMETRY = ChunkGeometry(hop=160, n_fft=512, pad=256, first_frames=9,
