@@ -14,7 +14,12 @@ F32_LIMIT = 2.0
 
 
 class AudioError(ValueError):
-    """The audio payload is malformed; the message says how."""
+    """The audio payload or its rate is malformed; the message says how, and
+    kind is what it is about (``bad_audio`` or ``bad_sample_rate``)."""
+
+    def __init__(self, message, kind="bad_audio"):
+        ValueError.__init__(self, message)
+        self.kind = kind
 
 
 def _mulaw_table():
@@ -34,7 +39,7 @@ def check_rate(rate):
     """rate if it is a sample rate the server converts from, else AudioError."""
     if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
         raise AudioError("sample_rate must be a whole number of Hz from %d to %d, got %s"
-                         % (MIN_RATE, MAX_RATE, str(rate)[:32]))
+                         % (MIN_RATE, MAX_RATE, str(rate)[:32]), "bad_sample_rate")
     return rate
 
 

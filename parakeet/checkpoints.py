@@ -39,7 +39,11 @@ def served_name(model_name):
     return os.path.basename(model_name) if is_path(model_name) else model_name
 
 
-class ModelUnavailable(Exception):
+class CannotServe(Exception):
+    """The model cannot be served; the message says why, and what to do."""
+
+
+class ModelUnavailable(CannotServe):
     """The checkpoint can be neither found locally nor downloaded."""
 
 

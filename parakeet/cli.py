@@ -70,7 +70,7 @@ def serve(config):
     top = tap.makeService(config, reactor)
     reactor.callWhenRunning(_start, top, reactor)
     reactor.run()
-    return getattr(reactor, "_parakeet_exit_code", 0)
+    return top.exit_code
 
 
 def _start(top, reactor):
@@ -78,7 +78,7 @@ def _start(top, reactor):
         top.startService()
     except Exception as e:
         sys.stderr.write("parakeet-server: cannot start: %s\n" % (e,))
-        reactor._parakeet_exit_code = 1
+        top.exit_code = 1
         reactor.stop()
         return
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

@@ -99,4 +99,4 @@ def main(options, start, out=None):
     started = reactor.seconds()
     reactor.callWhenRunning(go)
     reactor.run()
-    return (status or [getattr(reactor, "_parakeet_exit_code", 0)])[0]
+    return (status or [top.exit_code])[0]

@@ -16,16 +16,16 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
-from parakeet.server import auth, tap
-from parakeet.clients import connection
 from parakeet.audio import encode_samples
+from parakeet.clients import connection
+from parakeet.server import auth, tap
 from parakeet.server.auth import (
     AuthConfigError, Refusal, TokenReloader, TokenStore, auth_message_token,
     normalize_origin, origin_allowed, parse_origins, read_tokens, tcp_refusal,
     websocket_credential, websocket_refusal)
 
-from .helpers import offline_tokens, quantized, speechlike
-from .test_end_to_end import PIECE, ServerTestMixin, wait_for
+from .support.models import offline_tokens, quantized, speechlike
+from .support.servers import PIECE, ServerTestMixin, wait_for
 
 GOOD = "k7Hq2-ZbW_x9pLr4"
 OTHER = "second-token.v2"
@@ -335,7 +335,7 @@ class OptionsTests(unittest.TestCase):
             self.assertIn(why, str(e.exception))
 
     def test_service_tree(self):
-        from .helpers import shared_tiny_engine
+        from .support.models import shared_tiny_engine
 
         path = write(self.mktemp(), GOOD + "\n")
         options = self.parse("--port", "0", "--ws-port", "0", "--host", "127.0.0.1",

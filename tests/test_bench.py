@@ -16,14 +16,12 @@ from twisted.internet import defer, reactor, task
 from twisted.python import usage
 from twisted.trial import unittest
 
-from parakeet.clients import bench
-
 from parakeet import cli
+from parakeet.clients import bench
 from parakeet.measuring import ceiling as ceiling_module
 
-from .helpers import speechlike, tiny_model_path
-from .test_end_to_end import ServerTestMixin
-from .test_tap import BIN, spawn
+from .support.models import speechlike, tiny_model_path
+from .support.servers import BIN, ServerTestMixin, spawn
 
 SUMMARY = re.compile(
     r"^bench: N=(\d+) (ws|ws-binary|tcp) kept-up (\d+)/(\d+) p50 \S+ ms p95 \S+ ms "

@@ -1,5 +1,5 @@
 """
-The browser page (parakeet/static) in headless Chromium against the real
+The browser page (parakeet/server/static) in headless Chromium against the real
 server: Chromium's fake microphone plays held-out speech into the page, the
 page streams it to the server running the demo model, and the transcript is
 read from the page.  Also what the page says when the server is full, when
@@ -23,8 +23,8 @@ from twisted.trial import unittest
 from parakeet.clients import connection
 from parakeet.training import corpus
 
-from .test_demo_model import HELDOUT, WER_BOUND, demo_engine
-from .test_end_to_end import ServerTestMixin
+from .support.models import HELDOUT, WER_BOUND, demo_engine
+from .support.servers import ServerTestMixin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,7 +213,8 @@ class BrowserPageTests(ServerTestMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_over_https(self):
         # Served over TLS, the page streams over wss:// to the same port.
-        from .test_tls import make_certificate, ssl_endpoint
+        from .support.servers import make_certificate
+        from .test_tls import ssl_endpoint
 
         cert, key = make_certificate(self.mktemp())
         self.start(http=("--listen-http", ssl_endpoint(cert, key)))
@@ -284,6 +285,6 @@ class BrowserPageTests(ServerTestMixin, unittest.TestCase):
         self.assertIn("localhost", error)
 
     def wait_for_streams_closed(self):
-        from .test_end_to_end import wait_for
+        from .support.servers import wait_for
 
         return wait_for(lambda: len(self.server.registry) == 0)

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 from twisted.trial import unittest
 
-from parakeet.measuring import ceiling
 from parakeet.contract import ChunkCutter
+from parakeet.measuring import ceiling
 
-from .helpers import assert_engine_idle, shared_tiny_engine, tiny_model_path
+from .support.models import assert_engine_idle, shared_tiny_engine, tiny_model_path
 
 
 class SteppedClock:

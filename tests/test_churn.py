@@ -70,8 +70,8 @@ from twisted.trial import unittest
 from parakeet.clients import connection
 from parakeet.server import messages
 
-from .helpers import assert_engine_idle, speechlike
-from .test_end_to_end import ServerTestMixin
+from .support.models import assert_engine_idle, speechlike
+from .support.servers import ServerTestMixin
 
 CAPACITY = 8
 SHORT_CYCLES = 300

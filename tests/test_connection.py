@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from parakeet.clients import connection
 
-from .test_tls import make_certificate
+from .support.servers import make_certificate
 
 
 class AddressTests(unittest.TestCase):

@@ -3,7 +3,7 @@ from twisted.trial import unittest
 
 from parakeet.contract import ChunkCutter
 
-from .helpers import GEOMETRY
+from .support.models import GEOMETRY
 
 G = GEOMETRY
 

@@ -21,28 +21,22 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from parakeet.training import corpus, voices
 from parakeet.checkpoints import (
     BUILTIN_MODELS, DEMO_SAMPLE, DEMO_SAMPLE_TEXT, resolve_model, served_name)
+from parakeet.training import corpus, voices
 
-from .helpers import assert_engine_idle, offline_tokens
-from .test_end_to_end import ServerTestMixin
-from .test_engine import decode_together, stream_alone, tokens_of
+from .support.models import (
+    DATA, WER_BOUND, assert_engine_idle, decode_together, demo_engine, heldout_clips,
+    offline_tokens, stream_alone, tokens_of)
+from .support.servers import ServerTestMixin
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
-HELDOUT = os.path.join(DATA, "heldout")
 #: Voices of engines the demo model never heard: flite's rms and festival's
 #: ked (tests/data/heldout-engines/README).
 HELDOUT_ENGINES = os.path.join(DATA, "heldout-engines")
 #: Digit strings, numbers alone and single words, outside the templates.
 OUT_OF_TEMPLATE = os.path.join(DATA, "out-of-template")
 
-#: Bound on word error rate over the 16 held-out clips.  Measured 0.309
-#: (0.447 before the model heard other engines and augmented speech); the
-#: bound leaves room for arithmetic that differs across CPUs, not for a
-#: model or pipeline that recognises worse (random weights score about 1).
-WER_BOUND = 0.4
 #: Bounds on word error rate over the 16 clips of voices of engines never
 #: heard (flite rms, festival ked), over the 16 digit strings, numbers and
 #: single words, and over the recordings of people; and on the words heard
@@ -60,31 +54,6 @@ NOT_A_NUMBER = 5
 #: Median distance between the end of speech and the frame where <EOU> is
 #: emitted, in ms.  Measured 597.
 EOU_BOUND_MS = 700
-
-_demo = {}
-
-
-def demo_engine():
-    """One engine on the demo model for the whole run."""
-    if "engine" not in _demo:
-        from parakeet.engine.engine import Engine
-
-        _demo["engine"] = Engine.load(resolve_model("demo"), device="cpu",
-                                      num_slots=16, batch_size=16)
-    return _demo["engine"]
-
-
-def heldout_clips(folder=HELDOUT):
-    """(audio, reference text, row) for each clip of a held-out folder."""
-    import soundfile
-
-    clips = []
-    for row in corpus.read_manifest(os.path.join(folder, "manifest.json")):
-        audio, rate = soundfile.read(os.path.join(folder, row["audio_filepath"]),
-                                     dtype="float32")
-        assert rate == corpus.SAMPLE_RATE
-        clips.append((audio, row["text"].replace(corpus.EOU, ""), row))
-    return clips
 
 
 class DemoModelTests(unittest.TestCase):
@@ -213,13 +182,7 @@ class _ReducedPrecision:
     stream_differing = 0
 
     def setUp(self):
-        if self.precision not in _demo:
-            from parakeet.engine.engine import Engine
-
-            _demo[self.precision] = Engine.load(resolve_model("demo"), device="cpu",
-                                                num_slots=8, batch_size=8,
-                                                precision=self.precision)
-        self.engine = _demo[self.precision]
+        self.engine = demo_engine(self.precision)
         self.clips = heldout_clips()
 
     def tearDown(self):

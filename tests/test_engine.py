@@ -7,39 +7,9 @@ from twisted.trial import unittest
 
 from parakeet.contract import ChunkCutter
 
-from .helpers import (
-    assert_engine_idle, offline_tokens, shared_tiny_engine, speechlike, staggered_batches)
-
-
-def stream_alone(engine, audio, stream_id, piece=1000):
-    """Decode audio as one live stream, pushed piece by piece."""
-    cutter = ChunkCutter(stream_id, engine.geometry)
-    results = []
-    for start in range(0, len(audio), piece):
-        cutter.push(audio[start:start + piece])
-        while (chunk := cutter.next_chunk()) is not None:
-            results += engine.step([chunk])
-    cutter.finish()
-    while (chunk := cutter.next_chunk()) is not None:
-        results += engine.step([chunk])
-    return results
-
-
-def decode_together(engine, audios, starts):
-    """Decode streams that start at the given ticks (160 ms of audio each)
-    in batches of whatever is ready: (tokens per stream, batch sizes)."""
-    cutters = [ChunkCutter(i + 1, engine.geometry) for i in range(len(audios))]
-    together = [[] for _ in audios]
-    sizes = []
-    for chunks in staggered_batches(cutters, audios, starts, piece=2560):
-        sizes.append(len(chunks))
-        for result in engine.step(chunks):
-            together[result.stream_id - 1] += result.token_ids
-    return together, sizes
-
-
-def tokens_of(results):
-    return [t for r in results for t in r.token_ids]
+from .support.models import (
+    assert_engine_idle, decode_together, offline_tokens, shared_tiny_engine, speechlike,
+    stream_alone, tokens_of)
 
 
 class EngineTests(unittest.TestCase):

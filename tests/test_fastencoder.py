@@ -16,12 +16,12 @@ import attr
 import torch
 from twisted.trial import unittest
 
-from parakeet.engine.nemo import fastencoder
-from parakeet.engine.engine import Engine
-from parakeet.measuring.replica import ARCHITECTURES, build_replica
 from parakeet.contract import ChunkCutter
+from parakeet.engine.engine import Engine
+from parakeet.engine.nemo import fastencoder
+from parakeet.measuring.replica import ARCHITECTURES, build_replica
 
-from .helpers import (
+from .support.models import (
     assert_engine_idle, shared_tiny_engine, speechlike, staggered_batches, tiny_model_path)
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)

@@ -112,9 +112,9 @@ from parakeet.server.registry import StreamRegistry
 from parakeet.measuring.replica import calibration_audio
 from parakeet.server.decodeloop import DecodeLoop
 
-from .fakes import FakeChannel, FakeEngine, FakeLoop
-from .helpers import GEOMETRY, assert_engine_idle, offline_tokens, quantized, speechlike
-from .test_end_to_end import ServerTestMixin, wait_for
+from .support.fakes import FakeChannel, FakeEngine, FakeLoop
+from .support.models import GEOMETRY, assert_engine_idle, offline_tokens, quantized, speechlike
+from .support.servers import ServerTestMixin, wait_for
 
 #: --max-message-bytes of the fuzzed server: large enough for JSON nested
 #: 100000 deep (100000 bytes of "["), small enough that audio filling a

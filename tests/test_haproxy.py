@@ -28,9 +28,9 @@ from twisted.trial import unittest
 from parakeet.clients import connection
 from parakeet.server import tap
 
-from .helpers import offline_tokens, quantized, shared_tiny_engine, speechlike, tiny_model_path
-from .test_end_to_end import read_line, read_status, wait_for
-from .test_tap import BIN, ROOT, spawn
+from .support.models import (
+    offline_tokens, quantized, shared_tiny_engine, speechlike, tiny_model_path)
+from .support.servers import BIN, ROOT, read_line, read_status, spawn, wait_for
 
 #: Debian installs it in /usr/sbin, which a user's PATH may lack.
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")

@@ -5,15 +5,14 @@ shutting down with streams open: over real loopback sockets.
 
 import socket
 
-import numpy as np
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from parakeet.clients import connection
 from parakeet.server import messages
 
-from .helpers import offline_tokens, quantized, speechlike
-from .test_end_to_end import PIECE, ServerTestMixin, wait_for
+from .support.models import offline_tokens, quantized, speechlike
+from .support.servers import ServerTestMixin, wait_for
 
 
 class LimitTestsMixin(ServerTestMixin):

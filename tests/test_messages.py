@@ -5,17 +5,7 @@ import numpy as np
 from twisted.trial import unittest
 
 from parakeet.server import messages
-from parakeet.audio import encode_samples
-
-
-def audio_json(samples=None, encoding="pcm16", final=None, data=None):
-    obj = {"type": "audio", "encoding": encoding}
-    if data is None:
-        data = base64.b64encode(encode_samples(samples, encoding)).decode()
-    obj["data"] = data
-    if final is not None:
-        obj["final"] = final
-    return json.dumps(obj)
+from .support.servers import audio_json
 
 
 class RejectsMixin:

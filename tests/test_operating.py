@@ -18,9 +18,8 @@ from parakeet.clients import connection
 from parakeet.server import health, tap
 from parakeet.server.registry import StreamRegistry
 
-from .helpers import GEOMETRY, shared_tiny_engine, speechlike
-from .test_end_to_end import ServerTestMixin, read_line, wait_for
-from .test_metrics import Scraped, parse
+from .support.models import GEOMETRY, shared_tiny_engine, speechlike
+from .support.servers import Scraped, ServerTestMixin, parse, read_line, wait_for
 
 
 @defer.inlineCallbacks

@@ -9,14 +9,14 @@ import numpy as np
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from parakeet.server import messages
 from parakeet.contract import StepResult
+from parakeet.server import messages
 from parakeet.server.protocol import Limits, StreamSession
 from parakeet.server.registry import StreamRegistry
 
-from .fakes import FakeChannel, FakeLoop
-from .helpers import GEOMETRY
-from .test_messages import audio_json
+from .support.fakes import FakeChannel, FakeLoop
+from .support.models import GEOMETRY
+from .support.servers import audio_json
 
 
 class SessionCase(unittest.TestCase):
@@ -92,7 +92,6 @@ class SessionTests(SessionCase):
         # A step that emitted nothing sends nothing.
         session.stream_result(stream, StepResult(stream.id, [], [], "", False))
         self.assertEqual(channel.of_type("result"), [])
-        stream.text = " hello"
         stream.decoded_samples = 2656
         session.stream_result(stream, StepResult(stream.id, [5, 6], [0.5, 0.25], " hello",
                                                  False, frames=[1, 2],
@@ -200,7 +199,6 @@ class TurnSessionTests(SessionCase):
             stream.decoded_samples = stream.cutter.received
         pieces = ["\u2581w%d" % t for t in tokens]
         text = "".join(" w%d" % t for t in tokens)
-        stream.text += text
         session.stream_result(stream, StepResult(
             stream.id, list(tokens), [0.5] * len(tokens), text, is_last,
             frames=[1] * len(tokens), speech=list(speech), pieces=pieces))

@@ -9,8 +9,8 @@ from twisted.trial import unittest
 from parakeet.engine.engine import Engine
 from parakeet.engine.quantize import Int8Linear, Int8Pointwise, quantize_encoder
 
-from .helpers import assert_engine_idle, speechlike, tiny_model_path
-from .test_engine import decode_together, stream_alone, tokens_of
+from .support.models import (
+    assert_engine_idle, decode_together, speechlike, stream_alone, tiny_model_path, tokens_of)
 
 
 _int8 = {}

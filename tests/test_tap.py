@@ -10,93 +10,20 @@ import signal
 import sys
 
 from twisted.application.service import IServiceMaker
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
 from parakeet import cli
-
+from parakeet.checkpoints import MODEL_SIZES, ModelUnavailable, check_reachable
+from parakeet.server import tap
 from parakeet.training import corpus
 
-from parakeet.server import tap
-from parakeet.checkpoints import MODEL_SIZES, ModelUnavailable, check_reachable
-from parakeet.engine.nemo.loading import load_asr_model
+from .support.models import shared_tiny_engine, speechlike, tiny_model_path
+from .support.servers import BIN, ROOT, ServerTestMixin, free_ports, spawn, wait_for
 
-from .helpers import shared_tiny_engine, speechlike, tiny_model_path
-from .test_end_to_end import ServerTestMixin, wait_for
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
 FLAGS = ["--" + p[0] for p in tap.Options.optParameters]
-
-
-def environment(**extra):
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
-               HF_HUB_OFFLINE="1", HF_HOME=os.path.abspath("hf-home"))
-    env.update(extra)
-    return env
-
-
-class Process(protocol.ProcessProtocol):
-    """A child process whose output is kept; ``ended`` fires with its exit code."""
-
-    def __init__(self):
-        self.out = b""
-        self.err = b""
-        self.ended = defer.Deferred()
-        self._watchers = []
-
-    def outReceived(self, data):
-        self.out += data
-        for pattern, d in list(self._watchers):
-            match = re.search(pattern, self.out)
-            if match:
-                self._watchers.remove((pattern, d))
-                d.callback(match)
-
-    def errReceived(self, data):
-        self.err += data
-
-    def wait_for_output(self, pattern):
-        d = defer.Deferred()
-        self._watchers.append((pattern, d))
-        self.outReceived(b"")
-        return d
-
-    def processEnded(self, reason):
-        for _, d in self._watchers:
-            d.errback(AssertionError("exited first; output:\n%s\n%s"
-                                     % (self.out.decode(), self.err.decode())))
-        self._watchers = []
-        self.ended.callback(reason.value.exitCode if reason.value.signal is None
-                            else "signal %d" % reason.value.signal)
-
-
-def free_ports(count):
-    """count TCP ports free on the loopback interface right now."""
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def spawn(test, argv, **env):
-    proc = Process()
-    transport = reactor.spawnProcess(proc, argv[0], argv, env=environment(**env), path=ROOT)
-
-    def kill():
-        if not proc.ended.called:
-            transport.signalProcess("KILL")
-        return proc.ended
-
-    test.addCleanup(kill)
-    return proc, transport
 
 
 class OptionsTests(unittest.TestCase):
@@ -236,19 +163,21 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual(sorted(s.name for s in top),
                          ["TCP clients", "WebSocket clients", "decoder", "status checks"])
 
-    def test_missing_model_file(self):
-        with self.assertRaises(ModelUnavailable) as caught:
-            load_asr_model("/nonexistent/model.nemo", "cpu")
-        self.assertEqual(str(caught.exception),
-                         "cannot load model /nonexistent/model.nemo: no such file")
+    def test_no_vad_loads_no_detector(self):
+        from parakeet.engine import vad
 
-    def test_not_a_model_file(self):
-        with open("junk.nemo", "wb") as f:
-            f.write(b"not a tar archive")
-        with self.assertRaises(ModelUnavailable) as caught:
-            load_asr_model("junk.nemo", "cpu")
-        self.assertIn("cannot load model junk.nemo: not a usable .nemo checkpoint",
-                      str(caught.exception))
+        def refuse(*args, **kwargs):
+            raise AssertionError("the voice activity detector was loaded")
+
+        self.patch(vad, "VoiceActivity", refuse)
+        options = tap.Options()
+        options.parseOptions(["--model", tiny_model_path(), "--device", "cpu",
+                              "--max-num-streams", "2", "--no-vad"])
+        self.assertIsNone(tap.load_engine(options).vad)
+        options = tap.Options()
+        options.parseOptions(["--model", tiny_model_path(), "--device", "cpu",
+                              "--max-num-streams", "2"])
+        self.assertRaises(AssertionError, tap.load_engine, options)
 
     def test_reachable_before_nemo_is_imported(self):
         # An id neither cached nor downloadable fails at once, naming the
@@ -295,7 +224,7 @@ class CommandTests(unittest.TestCase):
         from parakeet.connection.connection import connect
         from parakeet.checkpoints import DEMO_SAMPLE_TEXT
 
-        from .test_demo_model import WER_BOUND
+        from .support.models import WER_BOUND
 
         ports = free_ports(3)
         proc, transport = spawn(self, [os.path.join(BIN, "parakeet-server"), "demo",
@@ -336,7 +265,7 @@ class CommandTests(unittest.TestCase):
         """Start argv, stream over TCP and WebSocket, stop it with SIGTERM."""
         from parakeet.clients import connection
 
-        from .helpers import offline_tokens, quantized
+        from .support.models import offline_tokens, quantized
 
         started = reactor.seconds()
         proc, transport = spawn(self, argv)
@@ -447,7 +376,7 @@ class DocumentationTests(ServerTestMixin, unittest.TestCase):
 
         from twisted.internet import utils
 
-        from .helpers import offline_tokens, quantized
+        from .support.models import offline_tokens, quantized
 
         with open(os.path.join(ROOT, "README.rst")) as f:
             readme = f.read()

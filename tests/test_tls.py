@@ -4,52 +4,14 @@ certificate the test makes, and real clients stream audio over TLS on both
 transports, trusting that certificate.
 """
 
-import datetime
-import ipaddress
-import os
 
 from twisted.internet import defer, endpoints, reactor
 from twisted.trial import unittest
 
 from parakeet.clients import connection
 
-from .helpers import offline_tokens, quantized, speechlike
-from .test_end_to_end import ServerTestMixin
-
-
-def make_certificate(directory, names=("localhost",), addresses=("127.0.0.1", "::1")):
-    """A self-signed certificate and its key for names and addresses, written
-    to directory: (certificate path, key path)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    alternatives = ([x509.DNSName(n) for n in names]
-                    + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256()))
-    os.makedirs(directory, exist_ok=True)
-    cert_path = os.path.join(directory, "cert.pem")
-    key_path = os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return cert_path, key_path
+from .support.models import offline_tokens, quantized, speechlike
+from .support.servers import ServerTestMixin, make_certificate
 
 
 def ssl_endpoint(cert, key):

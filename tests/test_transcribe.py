@@ -14,14 +14,12 @@ from twisted.internet import defer, protocol, reactor, utils
 from twisted.python import usage
 from twisted.trial import unittest
 
-from parakeet.training import corpus
-
 from parakeet.clients import transcribe
 from parakeet.clients.bench import AudioSource
+from parakeet.training import corpus
 
-from .helpers import speechlike
-from .test_demo_model import HELDOUT, WER_BOUND, demo_engine
-from .test_end_to_end import ServerTestMixin, wait_for
+from .support.models import HELDOUT, WER_BOUND, demo_engine, speechlike
+from .support.servers import ServerTestMixin, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -276,7 +274,8 @@ class CommandTests(ServerTestMixin, unittest.TestCase):
     def test_trust(self):
         # wss:// to a server with a self-signed certificate: refused unless
         # --trust names it.
-        from .test_tls import make_certificate, ssl_endpoint
+        from .support.servers import make_certificate
+        from .test_tls import ssl_endpoint
 
         cert, key = make_certificate(self.mktemp())
         self.start("--listen-ws", ssl_endpoint(cert, key))

@@ -15,11 +15,11 @@ import numpy as np
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from parakeet.training import corpus
 from parakeet.audio import encode_samples
+from parakeet.training import corpus
 
-from .test_demo_model import demo_engine, heldout_clips
-from .test_end_to_end import ServerTestMixin
+from .support.models import demo_engine, heldout_clips
+from .support.servers import ServerTestMixin
 
 #: How far (ms) an utterance's end may be detected after its speech ends:
 #: the <EOU> decision, and the model's 80 ms frames and 160 ms chunks.

@@ -40,9 +40,9 @@ from twisted.trial import unittest
 from parakeet.server import tap
 from parakeet.server.transports import WEBSOCKET_HARD_LIMIT_FACTOR
 
-from .fakes import FakeEngine
-from .helpers import GEOMETRY
-from .test_end_to_end import wait_for
+from .support.fakes import FakeEngine
+from .support.models import GEOMETRY
+from .support.servers import wait_for
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
 

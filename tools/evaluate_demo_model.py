@@ -23,9 +23,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from parakeet.training import augment, corpus
-
 from parakeet import voices  # noqa: E402
+from parakeet.training import augment, corpus
 
 #: Recordings of people in Debian's pocketsphinx-testdata whose words are
 #: all the domain's: (file under its data folder, transcript).  The rest of

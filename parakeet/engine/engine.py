@@ -65,9 +65,8 @@ class Engine:
             self.eou_id = pipeline.asr_model.tokenizer.token_to_id(EOU)
         #: Milliseconds of audio per encoder frame.
         self.frame_ms = pipeline.asr_model.get_model_stride(in_milliseconds=True)
-        from nemo.collections.asr.inference.streaming.framing.request import FeatureBuffer
-        from nemo.collections.asr.inference.streaming.framing.request_options import (
-            ASRRequestOptions)
+        from .nemo.pipeline import ASRRequestOptions, FeatureBuffer
+
         self._feature_buffer = FeatureBuffer
         self._request_options = ASRRequestOptions
         self.endpointing_ms = 0

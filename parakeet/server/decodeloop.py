@@ -27,8 +27,10 @@ class DecodeLoop(service.Service):
 
     def __init__(self, engine, registry, reactor, interval=0.1, max_batch=None,
                  run_step=None):
-        """run_step(function, chunks) -> Deferred runs a step off the reactor
-        thread; by default on the loop's own one-thread pool."""
+        """engine: the model to decode with, or None until it is loaded (the
+        registry refuses streams meanwhile).  run_step(function, chunks) ->
+        Deferred runs a step off the reactor thread; by default on the loop's
+        own one-thread pool."""
         self.engine = engine
         self.registry = registry
         self.reactor = reactor
@@ -140,10 +142,7 @@ class DecodeLoop(service.Service):
         ready = []
         for stream in streams:
             self.registry.served(stream)
-            ready.append(now if stream.ready_at is None else stream.ready_at)
-            # A next chunk already there (audio sent faster than it is
-            # decoded) counts its wait from now on.
-            stream.ready_at = now if stream.cutter.ready else None
+            ready.append(stream.chunk_taken(now))
         self.steps += 1
         # Assigned before the callbacks: a synchronous run_step fires at once.
         self._in_flight = self._run_step(self.engine.step, chunks)
@@ -156,7 +155,6 @@ class DecodeLoop(service.Service):
         done = self.reactor.seconds()
         decoded = 0
         for stream, chunk, result in zip(streams, chunks, results):
-            stream.text += result.text
             decoded += chunk.audio_samples - stream.decoded_samples
             stream.decoded_samples = chunk.audio_samples
             if result.is_last:

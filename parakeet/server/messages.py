@@ -22,7 +22,14 @@ RESULTS = ("tokens", "every_chunk")
 
 
 class ProtocolError(ValueError):
-    """A client message is malformed; str() says how, for an ``error`` reply."""
+    """A client message is malformed; str() says how, for an ``error`` reply,
+    and kind what it is about (a fixed word the metrics count it under:
+    ``bad_json``, ``unknown_type``, ``bad_audio``, ``bad_sample_rate`` or
+    ``bad_message``)."""
+
+    def __init__(self, message, kind="bad_message"):
+        ValueError.__init__(self, message)
+        self.kind = kind
 
 
 @attr.s(frozen=True, slots=True)
@@ -63,7 +70,7 @@ def _rate(obj):
     try:
         return check_rate(obj["sample_rate"])
     except AudioError as e:
-        raise ProtocolError(str(e))
+        raise ProtocolError(str(e), e.kind)
 
 
 def _encoding(obj, default):
@@ -87,11 +94,11 @@ def _audio(obj, encoding):
     try:
         payload = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise ProtocolError("'data' is not valid base64")
+        raise ProtocolError("'data' is not valid base64", "bad_audio")
     try:
         samples = decode_samples(payload, encoding)
     except AudioError as e:
-        raise ProtocolError(str(e))
+        raise ProtocolError(str(e), e.kind)
     return Audio(samples, final, rate)
 
 
@@ -99,7 +106,7 @@ def _config(obj, _):
     encoding = _encoding(obj, None)
     if encoding is not None and encoding not in ENCODINGS:
         raise ProtocolError("unknown audio encoding %r (expected one of: %s)"
-                            % (encoding[:32], ", ".join(ENCODINGS)))
+                            % (encoding[:32], ", ".join(ENCODINGS)), "bad_audio")
     results = obj.get("results")
     if results is not None and results not in RESULTS:
         raise ProtocolError("unknown 'results' %s (expected one of: %s)"
@@ -123,24 +130,26 @@ def parse(raw, encoding="pcm16"):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ProtocolError("message is not valid UTF-8")
+            raise ProtocolError("message is not valid UTF-8", "bad_json")
     try:
         obj = json.loads(raw)
     except RecursionError:
-        raise ProtocolError("invalid JSON: nested too deeply")
+        raise ProtocolError("invalid JSON: nested too deeply", "bad_json")
     except ValueError as e:
-        raise ProtocolError("invalid JSON: %s" % (e,))
+        raise ProtocolError("invalid JSON: %s" % (e,), "bad_json")
     if not isinstance(obj, dict):
         raise ProtocolError("message must be a JSON object, got %s"
-                            % type(obj).__name__)
+                            % type(obj).__name__, "bad_json")
     kind = obj.get("type")
     if kind is None:
-        raise ProtocolError("unknown message type (the message has no 'type')")
+        raise ProtocolError("unknown message type (the message has no 'type')",
+                            "unknown_type")
     if not isinstance(kind, str):
-        raise ProtocolError("unknown message type ('type' must be a string)")
+        raise ProtocolError("unknown message type ('type' must be a string)",
+                            "unknown_type")
     parser = _PARSERS.get(kind)
     if parser is None:
-        raise ProtocolError("unknown message type: %r" % (kind[:64],))
+        raise ProtocolError("unknown message type: %r" % (kind[:64],), "unknown_type")
     return parser(obj, encoding)
 
 

@@ -78,30 +78,6 @@ ERROR_KINDS = (
     "internal",         # decoding failed
 )
 
-#: The start of a protocol error's message and its kind, for the errors
-#: whose caller does not say (what ``messages.parse`` and the audio decoder
-#: raise); the first match wins, anything else is ``bad_message``.
-_ERROR_PREFIXES = (
-    ("invalid JSON", "bad_json"),
-    ("message is not valid UTF-8", "bad_json"),
-    ("message must be a JSON object", "bad_json"),
-    ("unknown message type", "unknown_type"),
-    ("sample_rate", "bad_sample_rate"),
-    ("'data' is not valid base64", "bad_audio"),
-    ("pcm16 audio", "bad_audio"),
-    ("f32 audio", "bad_audio"),
-    ("unknown audio encoding", "bad_audio"),
-)
-
-
-def error_kind(text):
-    """The kind of a protocol error, from its message."""
-    for prefix, kind in _ERROR_PREFIXES:
-        if text.startswith(prefix):
-            return kind
-    return "bad_message"
-
-
 def end_reason_label(reason):
     """A stream's end_reason as a label value."""
     if reason is None:
@@ -284,11 +260,8 @@ class ServerMetrics(NoMetrics):
         same each time (``full``, ``draining``, ``unauthorized``, ...)."""
         self._refused.labels(reason).inc()
 
-    def error_sent(self, kind, text=None):
-        """An error message went to a client; kind None: told from text, a
-        protocol error's message."""
-        if kind is None:
-            kind = error_kind(text or "")
+    def error_sent(self, kind):
+        """An error message of kind (one of ERROR_KINDS) went to a client."""
         self._errors.labels(kind).inc()
 
     def decoded(self, batch, seconds, audio_seconds, ready, now):

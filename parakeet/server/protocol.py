@@ -75,6 +75,8 @@ class StreamSession:
         self.transport = transport
         self.stream = None
         self.turns = None
+        #: The stream's transcript so far.
+        self.text = ""
         #: How JSON audio that names no encoding is encoded, and binary audio.
         self.encoding = self.binary_encoding = "pcm16"
         #: A result after every decoded chunk, not only when there is news.
@@ -130,7 +132,7 @@ class StreamSession:
         try:
             message = messages.parse(raw, self.encoding)
         except messages.ProtocolError as e:
-            self.send_error(str(e))
+            self.send_error(str(e), e.kind)
             return
         if isinstance(message, messages.Ping):
             self.channel.send(messages.pong())
@@ -152,7 +154,7 @@ class StreamSession:
         try:
             samples = decode_samples(payload, encoding or self.binary_encoding)
         except AudioError as e:
-            self.send_error(str(e), "bad_audio")
+            self.send_error(str(e), e.kind)
             return
         self._audio(messages.Audio(samples))
 
@@ -213,11 +215,10 @@ class StreamSession:
             self.send_error(why, reason.replace("-", "_"))
         self._finish(reason)
 
-    def send_error(self, text, kind=None):
+    def send_error(self, text, kind):
         """Send the client an error message; kind: what it is about, a fixed
-        word the metrics count it under (None: told from text, the message
-        of a protocol error)."""
-        self.registry.metrics.error_sent(kind, text)
+        word the metrics count it under."""
+        self.registry.metrics.error_sent(kind)
         self.channel.send(messages.error(text))
 
     # audio
@@ -252,16 +253,8 @@ class StreamSession:
         if self._ended("flush"):
             return
         self.stream.flush()
-        if self.stream.cutter.ready:
-            self._chunk_ready()
         if not self._flushed():
             self.loop.wake()
-
-    def _chunk_ready(self):
-        """The stream's next chunk has all its audio (a result's latency
-        counts from when it first had)."""
-        if self.stream.ready_at is None:
-            self.stream.ready_at = self.registry.clock.seconds()
 
     def _flushed(self):
         """Answer the flushes whose audio is all decoded; whether any was."""
@@ -301,9 +294,6 @@ class StreamSession:
             self._finish("final")
             return
         if stream.cutter.ready:
-            if stream.ready_at is None:
-                # This message completed a chunk.
-                stream.ready_at = self.registry.clock.seconds()
             # Step on the reactor's next turn, with every chunk its reads
             # complete, rather than at the loop's next tick.
             self.loop.wake()
@@ -318,7 +308,6 @@ class StreamSession:
                 self._idle.cancel()
                 self._idle = None
             self.stream.finish(reason)
-            self._chunk_ready()
             self.loop.wake()
 
     # decode loop events
@@ -329,14 +318,12 @@ class StreamSession:
         if self._backlogged and stream.cutter.buffered_samples <= self._max_backlog / 2:
             self._backlogged = False
             self.channel.resume_reading(BACKLOG)
-        # The transcript before this step's text, then each part's.
-        text = stream.text[:len(stream.text) - len(result.text)]
         parts = self.turns.step(result, result.pieces, stream.audio_ms, result.is_last,
                                 always=self.every_chunk)
         for i, part in enumerate(parts):
-            text += part.text
+            self.text += part.text
             self._send_result(part.token_ids, part.confidences,
-                              result.is_last and i == len(parts) - 1, part.turn, text)
+                              result.is_last and i == len(parts) - 1, part.turn)
         if result.is_last:
             self.channel.close()
             return
@@ -347,11 +334,11 @@ class StreamSession:
                           ms=self.limits.turns.finalize_silence_ms)
             self._finish("silence")
 
-    def _send_result(self, token_ids, confidences, is_final, turn, text=None):
+    def _send_result(self, token_ids, confidences, is_final, turn):
         stream = self.stream
         self.channel.send(messages.result(
-            stream.id, (stream.text if text is None else text).strip(), token_ids,
-            confidences, is_final, stream.audio_ms, turn))
+            stream.id, self.text.strip(), token_ids, confidences, is_final,
+            stream.audio_ms, turn))
 
     def stream_failed(self, stream, reason):
         if self.connected:

@@ -21,7 +21,8 @@ class RegistryClosed(Exception):
 
 @attr.s(eq=False)
 class Stream:
-    """One client's stream: its audio on the model's chunk grid and its transcript."""
+    """One client's stream: its audio on the model's chunk grid, how much of
+    it is decoded, and since when its next chunk has been waiting."""
 
     id = attr.ib()
     peer = attr.ib()
@@ -30,15 +31,17 @@ class Stream:
     cutter = attr.ib(repr=False)
     input_rate = attr.ib()
     opened_at = attr.ib()
+    clock = attr.ib(repr=False)
     resampler = attr.ib(default=None, repr=False)
     received = attr.ib(default=0)   #: samples received, at the input rate
-    text = attr.ib(default="")      #: transcript so far
-    decoded_samples = attr.ib(default=0)  #: model-rate samples the transcript covers
+    #: Model-rate samples decoded so far (the decode loop's to write).
+    decoded_samples = attr.ib(default=0)
     end_reason = attr.ib(default=None)  #: why it is finishing, once it is
     #: Model-rate samples each pending flush waits for (``decoded_samples``).
     flushes = attr.ib(factory=list, repr=False)
     #: When the chunk it waits to have decoded had all its audio (clock
-    #: seconds); None while it has no chunk ready.
+    #: seconds); None while it has no chunk ready.  Written here only: when
+    #: audio completes a chunk, and when the decode loop takes one.
     ready_at = attr.ib(default=None, repr=False)
 
     @property
@@ -51,7 +54,7 @@ class Stream:
 
     @property
     def audio_ms(self):
-        """Milliseconds of audio, from the stream's start, that the transcript covers."""
+        """Milliseconds of audio, from the stream's start, decoded so far."""
         return round(self.decoded_samples * 1000 / self.cutter.geometry.sample_rate, 3)
 
     def set_input_rate(self, rate):
@@ -69,12 +72,14 @@ class Stream:
             self.cutter.push(self.resampler.flush())
             self.set_input_rate(self.input_rate)
         self.flushes.append(self.cutter.pad_to_chunk())
+        self._note_ready()
 
     def push(self, samples):
         self.received += len(samples)
         if self.resampler is not None:
             samples = self.resampler(samples)
         self.cutter.push(samples)
+        self._note_ready()
 
     def finish(self, reason):
         """No more audio: what was received is decoded to the end."""
@@ -84,6 +89,20 @@ class Stream:
         if self.resampler is not None:
             self.cutter.push(self.resampler.flush())
         self.cutter.finish()
+        self._note_ready()
+
+    def _note_ready(self):
+        """A result's latency counts from when its chunk had all its audio."""
+        if self.ready_at is None and self.cutter.ready:
+            self.ready_at = self.clock.seconds()
+
+    def chunk_taken(self, now):
+        """The decode loop took the next chunk at now: returns when that
+        chunk had all its audio.  A chunk after it whose audio is already
+        there (sent faster than it is decoded) waits from now on."""
+        ready = now if self.ready_at is None else self.ready_at
+        self.ready_at = now if self.cutter.ready else None
+        return ready
 
 
 class RegistryLoading(Exception):
@@ -105,9 +124,9 @@ class NoMetrics:
         """A connection was refused a stream, for reason (a fixed word:
         ``full``, ``draining``, ``loading``, ``unauthorized``, ...)."""
 
-    def error_sent(self, kind, text=None):
-        """An error message was sent to a client; kind: a fixed word, or
-        None to have it told from text."""
+    def error_sent(self, kind):
+        """An error message was sent to a client; kind: a fixed word
+        (``ERROR_KINDS`` in :mod:`parakeet.server.metrics`)."""
 
     def decoded(self, batch, seconds, audio_seconds, ready, now):
         """A decode step of batch streams took seconds and decoded
@@ -162,7 +181,7 @@ class StreamRegistry:
         self._next_id += 1
         stream = Stream(stream_id, peer, transport, listener,
                         ChunkCutter(stream_id, self.geometry), self.input_rate,
-                        self.clock.seconds())
+                        self.clock.seconds(), self.clock)
         stream.set_input_rate(self.input_rate)
         self._streams[stream_id] = stream
         self.opened += 1

@@ -264,19 +264,21 @@ def load_engine(config):
     engine = Engine.load(
         name, device=config["device"],
         num_slots=config["max-num-streams"], batch_size=config["max-batch"],
-        chunk_ms=config["chunk-ms"], precision=config["precision"])
+        chunk_ms=config["chunk-ms"], precision=config["precision"], vad=not config["no-vad"])
     engine.warm_up()
     freeze_loaded_objects()
     return engine
 
 
 def makeService(config, reactor=None, engine=None):
-    """The server; engine: a loaded one, else the service loads the model
-    when it starts, answering probes (and refusing streams) meanwhile."""
+    """The server; engine: a loaded one, used as it is (with or without its
+    voice activity detection), else the service loads the model as config
+    says when it starts, answering probes (and refusing streams) meanwhile."""
     if reactor is None:
         from twisted.internet import reactor
     from ..engine.allocator import use_one_arena
     from .auth import TokenReloader, TokenStore, parse_origins
+    from .decodeloop import DecodeLoop
     from .health import Health
     from .metrics import ServerMetrics
     from .protocol import Limits
@@ -306,12 +308,13 @@ def makeService(config, reactor=None, engine=None):
     tokens = None if config["auth-tokens"] is None else TokenStore(config["auth-tokens"])
     origins = (None if config["allowed-origins"] is None
                else parse_origins(config["allowed-origins"]))
-    line_factory = StreamLineFactory(registry, None, limits, reactor, auth=tokens)
-    websocket_factory = StreamWebSocketFactory(registry, None, limits, reactor,
+    # It decodes once the model is loaded (ServerService.serve).
+    loop = DecodeLoop(None, registry, reactor, max_batch=config["max-batch"])
+    line_factory = StreamLineFactory(registry, loop, limits, reactor, auth=tokens)
+    websocket_factory = StreamWebSocketFactory(registry, loop, limits, reactor,
                                                config["ws-ping-interval"], auth=tokens,
                                                allowed_origins=origins)
-    top = ServerService(config, reactor, registry, health, metrics,
-                        [line_factory, websocket_factory])
+    top = ServerService(config, reactor, registry, loop, health, metrics)
     if tokens is not None:
         # SIGHUP re-reads the token file.
         TokenReloader(tokens, reactor).setServiceParent(top)
@@ -340,32 +343,25 @@ class ServerService(service.MultiService):
     warm.  On stop, it drains its streams before its ports close, so that
     clients connecting meanwhile are told the server is shutting down."""
 
-    def __init__(self, config, reactor, registry, health, metrics, factories):
+    def __init__(self, config, reactor, registry, loop, health, metrics):
         service.MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
         self.registry = registry
         self.health = health
         self.metrics = metrics
-        self.factories = factories
-        self.loop = None
+        self.loop = loop
+        loop.setName("decoder")
+        loop.setServiceParent(self)
+        #: What the process exits with: 1 once the model failed to load.
+        self.exit_code = 0
         self._loading = None
         self._stopping = None
 
     def serve(self, engine):
         """Start decoding with engine, a loaded model."""
-        from .decodeloop import DecodeLoop
-
-        config = self.config
-        engine.endpointing_ms = config["eou-silence-ms"]
-        if config["no-vad"]:
-            engine.vad = None
-        self.loop = DecodeLoop(engine, self.registry, self.reactor,
-                               max_batch=config["max-batch"])
-        self.loop.setName("decoder")
-        for factory in self.factories:
-            factory.loop = self.loop
-        self.loop.setServiceParent(self)
+        engine.endpointing_ms = self.config["eou-silence-ms"]
+        self.loop.engine = engine
         self.metrics.attach(self.registry, self.loop, engine)
         self.registry.geometry = engine.geometry
         self.registry.model = served_name(engine.model_name)
@@ -378,7 +374,7 @@ class ServerService(service.MultiService):
     def startService(self):
         self._stopping = None
         service.MultiService.startService(self)
-        if self.loop is None and self._loading is None:
+        if self.loop.engine is None and self._loading is None:
             log.info("loading the model")
             self._loading = in_own_thread(self.reactor, load_engine, self.config)
             self._loading.addCallbacks(self._loaded, self._load_failed)
@@ -388,16 +384,16 @@ class ServerService(service.MultiService):
             self.serve(engine)
 
     def _load_failed(self, reason):
-        from ..checkpoints import ModelUnavailable
+        from ..checkpoints import CannotServe
 
-        if reason.check(ModelUnavailable, ValueError):
+        if reason.check(CannotServe, ValueError):
             message = reason.getErrorMessage()
         else:
             log.failure("loading the model failed", reason)
             message = "loading the model failed: %s" % (reason.getErrorMessage(),)
         sys.stderr.write("parakeet-server: %s\n" % (message,))
         sys.stderr.flush()
-        self.reactor._parakeet_exit_code = 1
+        self.exit_code = 1
         self.reactor.stop()
 
     def stopService(self):
@@ -409,6 +405,5 @@ class ServerService(service.MultiService):
     @defer.inlineCallbacks
     def _stop(self):
         self.registry.closed = True
-        if self.loop is not None:
-            yield self.loop.drain(self.config["drain-seconds"])
+        yield self.loop.drain(self.config["drain-seconds"])
         yield service.MultiService.stopService(self)

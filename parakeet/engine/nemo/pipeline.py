@@ -54,6 +54,11 @@ from nemo.collections.asr.inference.model_wrappers.cache_aware_rnnt_inference_wr
 from nemo.collections.asr.inference.pipelines.cache_aware_rnnt_pipeline import (
     CacheAwareRNNTPipeline,
 )
+# The requests a step takes, for the engine.
+from nemo.collections.asr.inference.streaming.framing.request import FeatureBuffer  # noqa: F401
+from nemo.collections.asr.inference.streaming.framing.request_options import (  # noqa: F401
+    ASRRequestOptions,
+)
 from nemo.collections.asr.inference.utils.context_manager import CacheAwareContext
 
 from .fastencoder import RowDrops, accelerate
