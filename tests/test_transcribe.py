@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from parakeet.training import corpus
 
 from parakeet.clients import transcribe
-from parakeet.clients.bench import AudioSource
+from parakeet.clients.audiofiles import AudioSource
 
 from .helpers import speechlike
 from .test_demo_model import HELDOUT, WER_BOUND, demo_engine
