@@ -13,7 +13,7 @@ from twisted.internet import defer
 from .server import tap
 from .clients import transcribe
 from .checkpoints import DEMO_SAMPLE, DEMO_SAMPLE_TEXT
-from .options import CommandOptions
+from .options import CommandOptions, port_number
 
 NAME = "parakeet-server demo"
 
@@ -26,9 +26,9 @@ class Options(CommandOptions):
                 "microphone.  Ctrl-C stops it.")
     optParameters = [
         ("host", None, "127.0.0.1", "Interface to listen on."),
-        ("port", None, 8765, "TCP port.", tap._port),
-        ("ws-port", None, 8000, "WebSocket port.", tap._port),
-        ("http-port", None, 8080, "HTTP port of the browser page.", tap._port),
+        ("port", None, 8765, "TCP port.", port_number),
+        ("ws-port", None, 8000, "WebSocket port.", port_number),
+        ("http-port", None, 8080, "HTTP port of the browser page.", port_number),
         ("device", None, "cpu", "PyTorch device: cpu, cuda or cuda:N."),
     ]
 
@@ -49,7 +49,7 @@ def _host(options):
 @defer.inlineCallbacks
 def show_sample(reactor, options, out, started):
     """Stream the bundled sample once the server is up; print both texts."""
-    from .clients.bench import read_audio_file
+    from .clients.audiofiles import read_audio_file
 
     url = "ws://%s:%d" % (_host(options), options["ws-port"])
     source = read_audio_file(DEMO_SAMPLE)

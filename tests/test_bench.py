@@ -1,7 +1,7 @@
 """
-``parakeet-server bench``: its pure pieces (percentiles, latency matching,
-the find-max search, the encoded messages), and whole runs against the server
-on loopback, over WebSocket and TCP, in-process and as a child process.
+``parakeet-server bench``: its options, and whole runs against the server on
+loopback, over WebSocket and TCP, in-process and as a child process.  (Its
+pieces are tested in test_loadgen, test_serverstats and test_audiofiles.)
 """
 
 import io
@@ -9,18 +9,17 @@ import json
 import math
 import os
 import re
-import wave
 
 import numpy as np
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.python import usage
 from twisted.trial import unittest
 
 from parakeet import cli
-from parakeet.clients import bench
+from parakeet.clients import audiofiles, bench
 from parakeet.measuring import ceiling as ceiling_module
 
-from .support.models import speechlike, tiny_model_path
+from .support.models import speechlike, tiny_model_path, write_wav
 from .support.servers import BIN, ServerTestMixin, spawn
 
 SUMMARY = re.compile(
@@ -32,160 +31,6 @@ def parse(*argv):
     options = bench.Options()
     options.parseOptions(list(argv))
     return options
-
-
-def write_wav(path, samples, rate, channels=1):
-    pcm = (np.clip(samples, -1, 32767 / 32768) * 32768).astype("<i2")
-    with wave.open(path, "wb") as wav:
-        wav.setnchannels(channels)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes(np.repeat(pcm, channels).tobytes())
-    return path
-
-
-class PercentileTests(unittest.TestCase):
-
-    def test_matches_numpy(self):
-        values = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0]
-        for q in (0, 10, 50, 95, 99, 100):
-            self.assertAlmostEqual(bench.percentile(values, q), np.percentile(values, q))
-
-    def test_edges(self):
-        self.assertIsNone(bench.percentile([], 50))
-        self.assertEqual(bench.percentile([4.0], 99), 4.0)
-        self.assertEqual(bench.percentile([1.0, 2.0], 50), 1.5)
-
-
-class LatencyMatchingTests(unittest.TestCase):
-    # Three 100 ms messages sent at 10.0, 10.1 and 10.25 (the last one late).
-    cumulative = [100.0, 200.0, 300.0]
-    sent = [10.0, 10.1, 10.25]
-
-    def latencies(self, *results, sent=None):
-        return bench.result_latencies(results, self.cumulative,
-                                      self.sent if sent is None else sent)
-
-    def test_first_message_reaching_audio_ms(self):
-        found = self.latencies((10.05, 40.0), (10.3, 150.0), (10.4, 300.0))
-        for got, want in zip(found, [0.05, 0.2, 0.15]):
-            self.assertAlmostEqual(got, want)
-
-    def test_boundaries(self):
-        # Exactly a message's cumulative audio is that message, not the next;
-        # a rounded audio_ms a hair above it too.
-        found = self.latencies((10.2, 200.0), (10.2, 200.0004), (10.2, 0.0))
-        for got, want in zip(found, [0.1, 0.1, 0.2]):
-            self.assertAlmostEqual(got, want)
-        self.assertAlmostEqual(self.latencies((10.5, 200.7))[0], 0.25)
-
-    def test_unmatched(self):
-        # More audio than was sent so far, or no audio_ms at all: no latency.
-        self.assertEqual(self.latencies((10.2, 250.0), sent=[10.0, 10.1]), [None])
-        self.assertEqual(self.latencies((10.5, 400.0), (10.5, None),
-                                        (10.5, float("nan"))), [None, None, None])
-
-
-class FindMaxTests(unittest.TestCase):
-
-    def search(self, threshold, start, limit, deferred=False):
-        probed = []
-
-        def probe(n):
-            probed.append(n)
-            passed = n <= threshold
-            return defer.succeed(passed) if deferred else passed
-
-        best, tried = self.successResultOf(bench.find_max(probe, start, limit))
-        self.assertEqual([n for n, _ in tried], probed)
-        self.assertEqual([p for _, p in tried], [n <= threshold for n in probed])
-        return best, probed
-
-    def test_doubles_then_bisects(self):
-        self.assertEqual(self.search(13, 1, 1024),
-                         (13, [1, 2, 4, 8, 16, 12, 14, 13]))
-
-    def test_first_probe_fails(self):
-        self.assertEqual(self.search(5, 32, 1024), (5, [32, 16, 8, 4, 6, 5]))
-
-    def test_nothing_passes(self):
-        self.assertEqual(self.search(0, 4, 1024), (0, [4, 2, 1]))
-
-    def test_limit(self):
-        self.assertEqual(self.search(100, 3, 20), (20, [3, 6, 12, 20]))
-        self.assertEqual(self.search(100, 50, 20), (20, [20]))
-
-    def test_asynchronous_probe(self):
-        self.assertEqual(self.search(6, 2, 64, deferred=True), (6, [2, 4, 8, 6, 7]))
-
-    def test_every_answer(self):
-        for threshold in range(0, 40):
-            for start in (1, 3, 8):
-                best, probed = self.search(threshold, start, 33)
-                self.assertEqual(best, min(threshold, 33))
-                self.assertEqual(len(probed), len(set(probed)))
-
-
-class PayloadTests(unittest.TestCase):
-
-    def test_json_messages(self):
-        audio = speechlike(1, 0.25)  # shorter than the stream: it is looped
-        plan = bench.Payloads(audio, 16000, 1.05, 100, "ws")
-        self.assertEqual(len(plan.steps), 11)
-        self.assertAlmostEqual(plan.interval, 0.1)
-        self.assertEqual(plan.cumulative_ms[:2], [100.0, 200.0])
-        self.assertEqual(plan.cumulative_ms[-1], 1050.0)
-        messages = [json.loads(frames[0][0]) for frames in plan.steps]
-        self.assertEqual([m["final"] for m in messages], [False] * 10 + [True])
-        self.assertTrue(all(len(frames) == 1 and not frames[0][1] for frames in plan.steps))
-        import base64
-
-        pcm = b"".join(base64.b64decode(m["data"]) for m in messages)
-        self.assertEqual(len(pcm), 2 * 16800)
-        looped = np.frombuffer(pcm, "<i2")
-        self.assertTrue(np.array_equal(looped[:4000], looped[4000:8000]))
-
-    def test_tcp_lines(self):
-        plan = bench.Payloads(speechlike(2, 1.0), 8000, 0.5, 100, "tcp")
-        self.assertEqual(len(plan.steps), 5)
-        for frames in plan.steps:
-            self.assertTrue(frames[0][0].endswith(b"}\n"))
-            self.assertEqual(frames[0][0].count(b"\n"), 1)
-
-    def test_binary_messages(self):
-        plan = bench.Payloads(speechlike(3, 1.0), 16000, 0.35, 100, "ws-binary")
-        self.assertEqual([len(f[0][0]) for f in plan.steps], [3200, 3200, 3200, 1600])
-        self.assertTrue(all(f[0][1] for f in plan.steps))
-        self.assertEqual(len(plan.steps[-1]), 2)
-        final, binary = plan.steps[-1][1]
-        self.assertFalse(binary)
-        self.assertEqual(json.loads(final), {"type": "audio", "data": "",
-                                             "encoding": "pcm16", "final": True})
-
-
-class AudioSourceTests(unittest.TestCase):
-
-    def test_wav_file_to_mono_and_resampled(self):
-        path = write_wav(self.mktemp() + ".wav", speechlike(4, 1.0), 22050, channels=2)
-        source = bench.read_audio_file(path)
-        self.assertEqual((source.rate, len(source.samples)), (22050, 16000))
-        self.assertIn("2 channels averaged", source.description)
-        self.assertEqual(len(source.at_rate(16000)), round(16000 * 16000 / 22050))
-        self.assertIs(source.at_rate(16000), source.at_rate(16000))
-
-    def test_without_espeak(self):
-        self.patch(bench.shutil, "which", lambda name: None)
-        source = bench.synthesized_audio()
-        self.assertEqual(source.rate, 16000)
-        self.assertIn("calibration_audio", source.description)
-        self.assertGreater(source.seconds, 1.0)
-
-    def test_with_espeak(self):
-        if not bench.shutil.which("espeak-ng"):
-            raise unittest.SkipTest("espeak-ng is not installed")
-        source = bench.synthesized_audio("Hello there.")
-        self.assertIn("espeak-ng", source.description)
-        self.assertGreater(np.abs(source.samples).max(), 0.05)
 
 
 class OptionsTests(unittest.TestCase):
@@ -223,35 +68,6 @@ class OptionsTests(unittest.TestCase):
         options.parseOptions(["bench", "--url", "tcp://127.0.0.1:1", "-n", "3"])
         self.assertEqual(options.subCommand, "bench")
         self.assertEqual(options.subOptions["streams"], 3)
-
-
-class ProcTests(unittest.TestCase):
-
-    def test_own_process(self):
-        self.assertGreater(bench.process_cpu_seconds(os.getpid()), 0)
-        self.assertGreater(bench.process_rss_bytes(os.getpid()), 1 << 20)
-
-
-    def test_waits_until_the_server_is_idle(self):
-        clock = task.Clock()
-        # A core busy for 1.2 s, then idle.
-        cpu = lambda: min(clock.seconds(), 1.2)
-        d = bench.wait_until_idle(clock, cpu, busy=0.2, window=0.5)
-        clock.advance(0.5)
-        clock.advance(0.5)
-        self.assertNoResult(d)
-        clock.advance(0.5)  # 0.2 s of CPU in this window: still busy
-        self.assertNoResult(d)
-        clock.advance(0.5)
-        self.assertEqual(self.successResultOf(d), 2.0)
-
-    def test_gives_up_waiting_after_the_limit(self):
-        clock = task.Clock()
-        d = bench.wait_until_idle(clock, clock.seconds, window=0.5, limit=3.0)
-        clock.pump([0.5] * 5)
-        self.assertNoResult(d)
-        clock.advance(0.5)
-        self.assertEqual(self.successResultOf(d), 3.0)
 
 
 class NoServerTests(unittest.TestCase):
@@ -413,7 +229,7 @@ class BenchAgainstServerTests(ServerTestMixin, unittest.TestCase):
             loaded.append(capacity)
             return self.engine
 
-        self.patch(bench, "load_engine", load_engine)
+        self.patch(ceiling_module, "load_engine", load_engine)
         staggers, audios, measure_paced = [], [], ceiling_module.measure_paced
 
         def paced(*args, **kwargs):
@@ -451,7 +267,7 @@ class BenchAgainstServerTests(ServerTestMixin, unittest.TestCase):
         self.assertEqual(ceiling["max_streams"], 2)
         # Its paced streams start as the load's do, and decode its audio.
         self.assertEqual(set(staggers), {0.25})
-        sent = bench.synthesized_audio().at_rate(16000)
+        sent = audiofiles.synthesized_audio().at_rate(16000)
         for audio in audios:
             np.testing.assert_array_equal(audio, sent)
         self.assertIn(ceiling["lockstep_max_streams"], (0, 1, 2))

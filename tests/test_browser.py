@@ -214,7 +214,7 @@ class BrowserPageTests(ServerTestMixin, unittest.TestCase):
     def test_over_https(self):
         # Served over TLS, the page streams over wss:// to the same port.
         from .support.servers import make_certificate
-        from .test_tls import ssl_endpoint
+        from .support.servers import ssl_endpoint
 
         cert, key = make_certificate(self.mktemp())
         self.start(http=("--listen-http", ssl_endpoint(cert, key)))

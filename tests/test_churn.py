@@ -46,7 +46,7 @@ only when ``PARAKEET_SOAK=1`` is set.  Both write their cycle counts and the
 thread, descriptor and memory figures to stderr.
 
 The clients connect with ``TCP4ClientEndpoint`` rather than the
-``HostnameEndpoint`` of ``parakeet.connection.connection.connect``, whose name resolution
+``HostnameEndpoint`` of ``parakeet.clients.connection.connect``, whose name resolution
 runs on the reactor's thread pool and would grow the thread count on its own.
 
 ``FinalResultTestsMixin`` guards against a loss the soak test once ran

@@ -270,7 +270,7 @@ class TranscribeCommandTests(ServerTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_bundled_sample(self):
-        from parakeet.clients.bench import read_audio_file
+        from parakeet.clients.audiofiles import read_audio_file
         from parakeet.clients.transcribe import transcribe
 
         self.start_server(engine=demo_engine())

@@ -221,7 +221,7 @@ class CommandTests(unittest.TestCase):
         # From nothing to a transcript: the demo command loads the built-in
         # model, streams the bundled sample, prints both texts and keeps
         # serving (the page, a stream of ours) until Ctrl-C.
-        from parakeet.connection.connection import connect
+        from parakeet.clients.connection import connect
         from parakeet.checkpoints import DEMO_SAMPLE_TEXT
 
         from .support.models import WER_BOUND

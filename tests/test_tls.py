@@ -5,18 +5,13 @@ transports, trusting that certificate.
 """
 
 
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from parakeet.clients import connection
 
 from .support.models import offline_tokens, quantized, speechlike
-from .support.servers import ServerTestMixin, make_certificate
-
-
-def ssl_endpoint(cert, key):
-    return "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (
-        endpoints.quoteStringArgument(key), endpoints.quoteStringArgument(cert))
+from .support.servers import ServerTestMixin, make_certificate, ssl_endpoint
 
 
 class TLSTests(ServerTestMixin, unittest.TestCase):

@@ -15,7 +15,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from parakeet.clients import transcribe
-from parakeet.clients.bench import AudioSource
+from parakeet.clients.audiofiles import AudioSource
 from parakeet.training import corpus
 
 from .support.models import HELDOUT, WER_BOUND, demo_engine, speechlike
@@ -275,7 +275,7 @@ class CommandTests(ServerTestMixin, unittest.TestCase):
         # wss:// to a server with a self-signed certificate: refused unless
         # --trust names it.
         from .support.servers import make_certificate
-        from .test_tls import ssl_endpoint
+        from .support.servers import ssl_endpoint
 
         cert, key = make_certificate(self.mktemp())
         self.start("--listen-ws", ssl_endpoint(cert, key))

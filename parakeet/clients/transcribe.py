@@ -21,8 +21,8 @@ from zope.interface import implementer
 from ..audio import MAX_RATE, MIN_RATE
 from ..server.messages import LOADING
 from ..checkpoints import DEMO_SAMPLE
-from ..options import CommandOptions
-from ..server.tap import not_negative
+from ..options import CommandOptions, not_negative
+from .audiofiles import read_audio_file
 
 #: Audio per message, in seconds.
 PIECE_SECONDS = 0.1
@@ -179,7 +179,8 @@ def _open(reactor, url, token, trust, wait, on_wait):
 @defer.inlineCallbacks
 def stream(reactor, url, source, pace=1.0, token=None, trust=None, on_message=None,
            on_progress=None, wait=0.0, on_wait=None, on_hello=None):
-    """Stream source (a bench.AudioSource) to the server at url.
+    """Stream source (an :class:`~parakeet.clients.audiofiles.AudioSource`)
+    to the server at url.
 
     pace: times real time, or None to send as fast as the server reads.
     on_message: called with each message from the server;
@@ -409,7 +410,7 @@ class Console:
 def transcribe_files(reactor, options, out, err, read=None):
     """Stream each of options["files"]; fires with the exit status."""
     if read is None:
-        from .bench import read_audio_file as read
+        read = read_audio_file
     console = Console(out, err, partial_lines=options["partials"])
     status = 0
     files = options["files"]
@@ -465,10 +466,10 @@ def main(options):
 @defer.inlineCallbacks
 def transcribe(reactor, url, source, speed=1.0, out=None, partials=False, token=None,
                trust=None):
-    """Stream source (a bench.AudioSource) to the server at url, speed times
-    real time (None: as fast as it reads), and print the whole final
-    transcript; with partials, first each partial transcript as '... TEXT'.
-    Fires with the final transcript."""
+    """Stream source (an :class:`~parakeet.clients.audiofiles.AudioSource`)
+    to the server at url, speed times real time (None: as fast as it
+    reads), and print the whole final transcript; with partials, first each
+    partial transcript as '... TEXT'.  Fires with the final transcript."""
     out = out or sys.stdout
     shown = [""]
 

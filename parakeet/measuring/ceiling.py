@@ -8,8 +8,12 @@ builds (once, then reuses) a random-weight replica of the named architecture,
 drives N streams in lockstep through :meth:`Engine.step`, one chunk each per
 step, and prints per step time and the real-time factor.  A stream keeps up
 in real time while a step of N streams takes less than one chunk of audio.
+
+:class:`Ceiling` drives the served model the same way for
+``parakeet-server bench --ceiling-model``, at each N the bench probes.
 """
 
+import gc
 import os
 import statistics
 import sys
@@ -161,6 +165,84 @@ def paced_summary(latencies, finals, bound=0.320, keep_up=1.0):
 def step_percentiles(times):
     """(p50, p95) of step wall times, as the table reports them."""
     return statistics.median(times), sorted(times)[int(0.95 * (len(times) - 1))]
+
+
+# The bench's ceiling
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def load_engine(path, device, capacity, precision=None):
+    """The model at path, ready to decode capacity streams in one step."""
+    from ..engine.engine import Engine
+
+    return Engine.load(path, device=device, num_slots=capacity, batch_size=capacity,
+                       precision=precision)
+
+
+class Ceiling:
+    """The served model driven in-process, as ``parakeet-server bench
+    --ceiling-model`` probes it: what the engine can do at N streams with no
+    sockets and no reactor."""
+
+    def __init__(self, path, device, seconds, threads=None, precision=None,
+                 p95_ms=320.0, keep_up_ms=1000.0, message_ms=100, stagger=None,
+                 source=None):
+        """stagger: seconds over which the paced streams' starts spread
+        [default: as :func:`measure_paced` spreads them]; source: the
+        :class:`~parakeet.clients.audiofiles.AudioSource` every stream
+        decodes [default: the replica's calibration audio]."""
+        self.p95_ms = p95_ms
+        self.source = source
+        self.stagger = stagger
+        self.keep_up_ms = keep_up_ms
+        self.message_ms = message_ms
+        self.path = path
+        self.device = device
+        self.precision = precision
+        self.seconds = seconds
+        self.threads = threads
+        self.engine = None
+        self.capacity = 0
+        self._next_id = 1
+
+    def measure(self, n):
+        """n streams decoded in lockstep (step times, and whether a step fits
+        in a chunk), then paced as the server decodes them (latencies, and
+        whether they pass as the bench's probes do)."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        if n > self.capacity:
+            self.engine = None
+            gc.collect()
+            self.capacity = max(n, 16, 2 * self.capacity)
+            self.engine = load_engine(self.path, self.device, self.capacity, self.precision)
+        audio = None
+        if self.source is not None:
+            audio = self.source.at_rate(self.engine.sample_rate).astype("float32")
+        times = measure(self.engine, n, self.seconds, self._next_id, audio)
+        self._next_id += n
+        chunk = self.engine.geometry.chunk_seconds
+        result = {"streams": n, "steps": 0, "step_p50_ms": None, "step_p95_ms": None,
+                  "chunk_ms": _ms(chunk), "fits": False}
+        if times:
+            p50, p95 = step_percentiles(times)
+            result.update(steps=len(times), step_p50_ms=_ms(p50), step_p95_ms=_ms(p95),
+                          fits=p95 < chunk)
+        paced = measure_paced(self.engine, n, self.seconds, self._next_id,
+                              stagger=self.stagger, message_ms=self.message_ms, audio=audio)
+        self._next_id += n
+        result["paced"] = paced_summary(*paced, bound=self.p95_ms / 1000.0,
+                                        keep_up=self.keep_up_ms / 1000.0)
+        result["passed"] = result["paced"]["passes"]
+        return result
+
+    def close(self):
+        self.engine = None
+        gc.collect()
 
 
 def main(argv=None):

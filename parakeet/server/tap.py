@@ -14,34 +14,9 @@ from twisted.python import failure, usage
 from .. import __version__
 from ..audio import MAX_RATE, MIN_RATE
 from ..checkpoints import MODEL_SIZES, PRECISIONS, check_reachable, resolve_model, served_name
-from ..options import CommandOptions
+from ..options import CommandOptions, not_negative, port_number, positive
 
 log = Logger()
-
-
-def _port(value):
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError("a port is a number from 0 to 65535")
-    return port
-
-
-def positive(kind):
-    def coerce(value):
-        number = kind(value)
-        if number <= 0:
-            raise ValueError("must be greater than zero")
-        return number
-    return coerce
-
-
-def not_negative(kind):
-    def coerce(value):
-        number = kind(value)
-        if number < 0:
-            raise ValueError("must not be negative")
-        return number
-    return coerce
 
 
 def _ping_interval(value):
@@ -108,14 +83,16 @@ class Options(CommandOptions):
 
     optParameters = [
         ("host", None, "0.0.0.0", "Interface to listen on."),
-        ("port", None, 8765, "TCP port (newline-delimited JSON); 0 picks a free one.", _port),
+        ("port", None, 8765, "TCP port (newline-delimited JSON); 0 picks a free one.",
+         port_number),
         ("ws-port", None, 8000, "WebSocket port (one JSON object per message); "
-         "0 picks a free one.", _port),
-        ("status-port", None, None, "One-shot status port, off unless given.", _port),
+         "0 picks a free one.", port_number),
+        ("status-port", None, None, "One-shot status port, off unless given.", port_number),
         ("http-port", None, None, "HTTP port, off unless given: the browser page at /, "
          "the stream WebSocket at /ws, /healthz, /readyz and Prometheus /metrics.",
-         _port),
-        ("agent-port", None, None, "HAProxy agent-check port, off unless given.", _port),
+         port_number),
+        ("agent-port", None, None, "HAProxy agent-check port, off unless given.",
+         port_number),
         ("model-size", None, "small",
          "Model to serve: small (%s) or large (%s)."
          % (MODEL_SIZES["small"], MODEL_SIZES["large"]), _model_size),

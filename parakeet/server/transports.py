@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from . import messages
 from ..audio import ENCODINGS, AudioError, check_rate
+from ..sockets import send_at_once, skip_debug_formatting
 from .auth import (
     AUTH_TIMEOUT_SECONDS, MAX_AUTH_LINE_BYTES, POLICY_VIOLATION, SUBPROTOCOL,
     TOKEN_SUBPROTOCOL_PREFIX, Refusal, is_auth_message, normalize_origin, origin_allowed,
@@ -38,17 +39,6 @@ WEBSOCKET_HARD_LIMIT_FACTOR = 4
 #: Refusals and the like.  (Not a protocol attribute: Autobahn's protocols
 #: log through their own ``log``.)
 _log = Logger()
-
-
-def send_at_once(transport):
-    """Turn Nagle's algorithm off: a result (or, from the bench, an audio
-    message) is a small message the other end is waiting on, not to be held
-    back for the acknowledgement of the last one.  (A Unix socket has
-    nothing to turn off.)"""
-    try:
-        transport.setTcpNoDelay(True)
-    except (AttributeError, OSError):
-        pass
 
 
 def _peer(address):
@@ -293,15 +283,6 @@ class StreamLineFactory(_Sessions, protocol.Factory):
 
 
 # WebSocket
-
-def skip_debug_formatting(proto, data):
-    """Hand data read from an Autobahn protocol's transport to its WebSocket
-    machinery.  Autobahn's own ``dataReceived`` first formats the arguments
-    of a debug log line (type and peer names, highlighted) on every read,
-    with debug logging off too: a third of what it spends on a frame of
-    audio."""
-    proto._dataReceived(data)
-
 
 class WebSocketChannel(_Channel):
 

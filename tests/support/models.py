@@ -6,6 +6,7 @@ together; audio that looks like speech to the model.
 """
 
 import os
+import wave
 
 import numpy as np
 
@@ -165,3 +166,14 @@ def heldout_clips(folder=HELDOUT):
         assert rate == corpus.SAMPLE_RATE
         clips.append((audio, row["text"].replace(corpus.EOU, ""), row))
     return clips
+
+
+def write_wav(path, samples, rate, channels=1):
+    """samples as a 16-bit WAV file at rate, the same in every channel."""
+    pcm = (np.clip(samples, -1, 32767 / 32768) * 32768).astype("<i2")
+    with wave.open(path, "wb") as wav:
+        wav.setnchannels(channels)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(np.repeat(pcm, channels).tobytes())
+    return path

@@ -14,7 +14,7 @@ import re
 import sys
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.web.test.requesthelper import DummyRequest
 
 from parakeet.audio import encode_samples
@@ -292,3 +292,8 @@ class Scraped:
 
     def has(self, name, **labels):
         return (name, tuple(sorted(labels.items()))) in self.samples
+
+
+def ssl_endpoint(cert, key):
+    return "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (
+        endpoints.quoteStringArgument(key), endpoints.quoteStringArgument(cert))
