@@ -109,7 +109,7 @@ from parakeet.audio import F32_LIMIT, encode_samples
 from parakeet.audio import _MULAW as MULAW_TABLE
 from parakeet.server.protocol import Limits, StreamSession
 from parakeet.server.registry import StreamRegistry
-from parakeet.measuring.replica import calibration_audio
+from parakeet.clients.audiofiles import calibration_audio
 from parakeet.server.decodeloop import DecodeLoop
 
 from .support.fakes import FakeChannel, FakeEngine, FakeLoop

@@ -23,8 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from parakeet import voices  # noqa: E402
-from parakeet.training import augment, corpus
+from parakeet.training import augment, corpus, voices  # noqa: E402
 
 #: Recordings of people in Debian's pocketsphinx-testdata whose words are
 #: all the domain's: (file under its data folder, transcript).  The rest of

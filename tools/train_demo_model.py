@@ -35,9 +35,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 
-from parakeet import voices  # noqa: E402
-from parakeet.measuring.replica import Architecture, model_config, train_tokenizer  # noqa: E402
-from parakeet.training import corpus
+from parakeet.measuring.replica import (  # noqa: E402
+    Architecture, model_config, train_tokenizer)
+from parakeet.training import corpus, voices  # noqa: E402
 from parakeet.training.transducer_loss import TransducerLoss  # noqa: E402
 
 #: The demo model: the small model's family and streaming geometry, sized to

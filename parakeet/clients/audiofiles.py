@@ -81,8 +81,8 @@ def read_audio_file(path):
 
 
 def synthesized_audio(text=SPEECH_TEXT):
-    """Speech from espeak-ng when it is on PATH, else parakeet.measuring.replica's
-    synthetic stand-in for speech (tones in noise)."""
+    """Speech from espeak-ng when it is on PATH, else a synthetic stand-in
+    for speech (:func:`calibration_audio`)."""
     espeak = shutil.which("espeak-ng")
     if espeak:
         with tempfile.TemporaryDirectory() as scratch:
@@ -98,10 +98,26 @@ def synthesized_audio(text=SPEECH_TEXT):
             source.description = "speech synthesized by espeak-ng (%.1f s at %d Hz)" % (
                 source.seconds, source.rate)
             return source
-    from ..measuring.replica import SAMPLE_RATE, calibration_audio
-
     seconds = 10.0
     return AudioSource(calibration_audio(0, seconds), SAMPLE_RATE,
-                       "synthetic tones in noise, parakeet.measuring.replica.calibration_audio "
+                       "synthetic tones in noise, calibration_audio "
                        "(%.1f s at %d Hz; espeak-ng is not installed)"
                        % (seconds, SAMPLE_RATE))
+
+
+#: The rate of :func:`calibration_audio`.
+SAMPLE_RATE = 16000
+
+
+def calibration_audio(seed, seconds=3.0):
+    """Gated, frequency-modulated tones in noise at SAMPLE_RATE: cheap
+    stand-ins for speech."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
+    f0 = rng.uniform(100, 300)
+    wobble = 200 * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t)
+    gate = np.sin(2 * np.pi * rng.uniform(0.5, 3.0) * t) > 0
+    tone = 0.3 * np.sin(2 * np.pi * (f0 + wobble) * t) * gate
+    return (tone + 0.05 * rng.standard_normal(len(t))).astype(np.float32)

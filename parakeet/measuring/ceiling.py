@@ -56,8 +56,8 @@ def replica_path(arch, cache_dir):
 def stream_audio(engine, i, seconds, audio=None):
     """Stream i's audio: audio (samples at the engine's rate) looped or cut
     to seconds, as the bench sends it to every stream; without it,
-    :func:`parakeet.measuring.replica.calibration_audio`."""
-    from .replica import calibration_audio
+    :func:`parakeet.clients.audiofiles.calibration_audio`."""
+    from ..clients.audiofiles import calibration_audio
 
     if audio is None:
         return calibration_audio(i, seconds)

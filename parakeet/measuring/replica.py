@@ -24,7 +24,7 @@ import tempfile
 
 import attr
 
-SAMPLE_RATE = 16000
+from ..clients.audiofiles import SAMPLE_RATE, calibration_audio
 
 
 @attr.s(frozen=True)
@@ -160,19 +160,6 @@ def model_config(arch, tokenizer_dir):
         "loss": {"loss_name": "default"},
         "optim": None,
     })
-
-
-def calibration_audio(seed, seconds=3.0):
-    """Gated, frequency-modulated tones in noise: cheap stand-ins for speech."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
-    f0 = rng.uniform(100, 300)
-    wobble = 200 * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t)
-    gate = np.sin(2 * np.pi * rng.uniform(0.5, 3.0) * t) > 0
-    tone = 0.3 * np.sin(2 * np.pi * (f0 + wobble) * t) * gate
-    return (tone + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
 
 
 def _calibrate_joint(model, tokens_per_frame):

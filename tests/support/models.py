@@ -61,7 +61,7 @@ def assert_engine_idle(test, engine):
 
 def speechlike(seed, seconds):
     """Reproducible audio the tiny model emits varied tokens for."""
-    from parakeet.measuring.replica import calibration_audio
+    from parakeet.clients.audiofiles import calibration_audio
 
     return calibration_audio(seed, seconds)
 

@@ -74,10 +74,8 @@ class ServerTestMixin:
         options.parseOptions(["--host", "127.0.0.1", "--port", "0", "--ws-port", "0",
                               "--status-port", "0"] + list(flags))
         self.engine = engine or shared_tiny_engine()
-        # The server's flags set how the engine finds turns; put them back.
-        settings = (self.engine.vad, self.engine.endpointing_ms)
-        self.addCleanup(setattr, self.engine, "vad", settings[0])
-        self.addCleanup(setattr, self.engine, "endpointing_ms", settings[1])
+        # The server's --eou-silence-ms sets the engine's; put it back.
+        self.addCleanup(setattr, self.engine, "endpointing_ms", self.engine.endpointing_ms)
         self.server = tap.makeService(options, reactor, engine=self.engine)
         self.server.startService()
         self.addCleanup(self.stop_server)
@@ -145,7 +143,7 @@ class ServerTestMixin:
         return self.engine.pipeline.tokenizer
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 BIN = os.path.dirname(sys.executable)
