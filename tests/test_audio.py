@@ -72,6 +72,35 @@ class MulawTests(unittest.TestCase):
         self.assertEqual(len(decode_samples(b"\x00\xff\x7f", "mulaw")), 3)
 
 
+class ALawTests(unittest.TestCase):
+    """G.711 A-law, as telephone audio arrives through other APIs."""
+
+    def test_matches_audioop(self):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                import audioop
+            except ImportError:
+                raise unittest.SkipTest("this Python has no audioop")
+        codes = bytes(range(256))
+        expected = np.frombuffer(audioop.alaw2lin(codes, 2), "<i2") / 32768.0
+        np.testing.assert_array_equal(decode_samples(codes, "alaw"), expected)
+
+    def test_known_codes(self):
+        # G.711's table: 0xD5 and 0x55 are the smallest levels, 0xAA and 0x2A the largest.
+        self.assertEqual(list(decode_samples(b"\xd5\x55\xaa\x2a", "alaw") * 32768),
+                         [8, -8, 32256, -32256])
+
+    def test_round_trip_is_within_one_step(self):
+        samples = np.linspace(-0.97, 0.97, 2001).astype(np.float32)
+        decoded = decode_samples(encode_samples(samples, "alaw"), "alaw")
+        error = np.abs(decoded - samples)
+        self.assertLess(error.max(), 1 / 32)
+        self.assertLess(error[np.abs(samples) < 0.01].max(), 1 / 1024)
+
+
 class RateTests(unittest.TestCase):
 
     def test_check_rate(self):

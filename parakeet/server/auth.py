@@ -207,6 +207,53 @@ def websocket_credential(headers, params, protocols):
                    % (SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX), MISSING)
 
 
+#: The subprotocol a browser's OpenAI Realtime client offers its key in.
+OPENAI_KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
+#: The subprotocol a browser's Deepgram client offers before its key.
+DEEPGRAM_TOKEN_SUBPROTOCOL = "token"
+
+
+def api_credential(headers, protocols=()):
+    """The token a client of OpenAI's or Deepgram's API presented, as a
+    Credential, or a Refusal if it presented none.
+
+    headers: the request's header fields, names in lower case.  Either API's
+    forms: an ``Authorization: Bearer TOKEN`` or ``Authorization: Token TOKEN``
+    header; on a WebSocket, the subprotocol ``openai-insecure-api-key.TOKEN``
+    (OpenAI's browser form) or the subprotocols ``token`` and ``TOKEN``
+    (Deepgram's)."""
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() in ("bearer", "token") and token:
+            return Credential(_header_bytes(token), "the Authorization header")
+        return Refusal("authentication required: the Authorization header must be "
+                       "'Bearer TOKEN' or 'Token TOKEN'", MISSING)
+    protocols = list(protocols)
+    for protocol in protocols:
+        if protocol.startswith(OPENAI_KEY_SUBPROTOCOL_PREFIX):
+            return Credential(_header_bytes(protocol[len(OPENAI_KEY_SUBPROTOCOL_PREFIX):]),
+                              "the subprotocol")
+    if DEEPGRAM_TOKEN_SUBPROTOCOL in protocols:
+        rest = protocols[protocols.index(DEEPGRAM_TOKEN_SUBPROTOCOL) + 1:]
+        if rest:
+            return Credential(_header_bytes(rest[0]), "the subprotocol")
+    return Refusal("authentication required: missing token (send the header "
+                   "'Authorization: Bearer TOKEN' or 'Authorization: Token TOKEN')", MISSING)
+
+
+def api_refusal(store, headers, protocols=()):
+    """None if a client of another API presents one of store's tokens, or
+    the server needs none (store None); else the Refusal."""
+    if store is None:
+        return None
+    credential = api_credential(headers, protocols)
+    if isinstance(credential, Refusal):
+        return credential
+    return credential.refusal(store)
+
+
 def websocket_refusal(store, headers, params, protocols):
     """None if the handshake presents one of store's tokens, else the Refusal."""
     credential = websocket_credential(headers, params, protocols)

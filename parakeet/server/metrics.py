@@ -44,7 +44,11 @@ LATENCY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2
 #: Weight of the newest step in the real-time factor's moving average.
 RTF_SMOOTHING = 0.1
 
-TRANSPORTS = ("tcp", "websocket")
+#: How streams come: the native protocol over TCP or a WebSocket, or
+#: another API's (parakeet.server.apis): OpenAI's Realtime WebSocket and
+#: audio transcriptions, Deepgram's live WebSocket and pre-recorded files.
+TRANSPORTS = ("tcp", "websocket", "openai_realtime", "openai_file", "deepgram_live",
+              "deepgram_file")
 
 #: Why a stream is refused: the registry's own reasons.  Other code may
 #: count others (``unauthorized``, ...) through ``refused``.

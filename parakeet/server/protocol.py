@@ -40,6 +40,12 @@ class Channel:
     def resume_reading(self, reason):
         raise NotImplementedError
 
+    def error(self, text, kind):
+        """Tell the client what was wrong; kind: a fixed word saying what it
+        is about (``metrics.ERROR_KINDS``), for channels that speak another
+        API's error shapes."""
+        self.send(messages.error(text))
+
 
 #: Why reading from a client is paused while its undecoded audio piles up.
 BACKLOG = "backlog"
@@ -158,6 +164,40 @@ class StreamSession:
             return
         self._audio(messages.Audio(samples))
 
+    def audio(self, samples, final=False):
+        """Decoded audio samples at the stream's input rate, from a client
+        that speaks another API."""
+        if self.stream is None:
+            return
+        self._touch()
+        self._audio(messages.Audio(samples, final))
+
+    def configure(self, sample_rate=None, encoding=None):
+        """As a ``config`` message would."""
+        if self.stream is None:
+            return
+        self._touch()
+        self._config(messages.Config(sample_rate, encoding))
+
+    def flush(self):
+        """As a ``flush`` message would."""
+        if self.stream is None:
+            return
+        self._touch()
+        self._flush()
+
+    def close_stream(self):
+        """As a ``close`` message would."""
+        if self.stream is None:
+            return
+        self._touch()
+        self._finish("close")
+
+    def keep_alive(self):
+        """A message that says only that the client is still there."""
+        if self.stream is not None:
+            self._touch()
+
     def message_too_large(self, size=None):
         self.send_error(
             "message too large: the limit is %d bytes%s"
@@ -219,7 +259,7 @@ class StreamSession:
         """Send the client an error message; kind: what it is about, a fixed
         word the metrics count it under."""
         self.registry.metrics.error_sent(kind)
-        self.channel.send(messages.error(text))
+        self.channel.error(text, kind)
 
     # audio
 

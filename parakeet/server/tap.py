@@ -261,9 +261,12 @@ def makeService(config, reactor=None, engine=None):
     from .protocol import Limits
     from .registry import StreamRegistry
     from .transports import (
-        AgentCheckFactory, Listener, StatusFactory, StreamLineFactory, StreamWebSocketFactory)
+        AgentCheckFactory, Listener, Sessions, StatusFactory, StreamLineFactory,
+        StreamWebSocketFactory)
     from .turns import TurnSettings
-    from .web import http_site
+    from .web import api_resources, http_site
+    from .apis.deepgram import ListenFactory
+    from .apis.realtime import RealtimeFactory
 
     use_one_arena()  # before the model thread allocates
     log.info("parakeet-server {version} starting: {settings}", version=__version__,
@@ -299,7 +302,15 @@ def makeService(config, reactor=None, engine=None):
         "tcp": line_factory,
         "ws": websocket_factory,
         "status": StatusFactory(health),
-        "http": http_site(health, websocket_factory, metrics.resource()),
+        "http": http_site(health, websocket_factory, metrics.resource(),
+                          api_resources(Sessions(registry, loop, limits), reactor,
+                                        RealtimeFactory(registry, loop, limits, reactor,
+                                                        config["ws-ping-interval"],
+                                                        auth=tokens, allowed_origins=origins),
+                                        ListenFactory(registry, loop, limits, reactor,
+                                                      config["ws-ping-interval"],
+                                                      auth=tokens, allowed_origins=origins),
+                                        auth=tokens)),
         "agent": AgentCheckFactory(health),
     }
     for kind, factory in factories.items():

@@ -19,7 +19,8 @@ from . import messages
 from ..audio import ENCODINGS, AudioError, check_rate
 from ..sockets import send_at_once, skip_debug_formatting
 from .auth import (
-    AUTH_TIMEOUT_SECONDS, MAX_AUTH_LINE_BYTES, POLICY_VIOLATION, SUBPROTOCOL,
+    AUTH_TIMEOUT_SECONDS, MAX_AUTH_LINE_BYTES, OPENAI_KEY_SUBPROTOCOL_PREFIX,
+    POLICY_VIOLATION, SUBPROTOCOL,
     TOKEN_SUBPROTOCOL_PREFIX, Refusal, is_auth_message, normalize_origin, origin_allowed,
     tcp_refusal, token_subprotocols, websocket_refusal)
 from .protocol import Channel, StreamSession
@@ -29,7 +30,9 @@ from .protocol import Channel, StreamSession
 CLOSE_FLUSH_SECONDS = 5
 
 #: A token offered as a subprotocol, in text that will be logged.
-_TOKEN_IN_TEXT = re.compile(re.escape(TOKEN_SUBPROTOCOL_PREFIX) + r'[^\s",]+')
+_TOKEN_IN_TEXT = re.compile("(%s|%s)" % (re.escape(TOKEN_SUBPROTOCOL_PREFIX),
+                                         re.escape(OPENAI_KEY_SUBPROTOCOL_PREFIX))
+                            + r'[^\s",]+')
 
 #: How far past the message limit a WebSocket message may go before the
 #: connection is failed (close code 1009) instead of the message refused.
@@ -106,7 +109,7 @@ class _Channel(Channel):
         self.flow.resume_reading(reason)
 
 
-class _Sessions:
+class Sessions:
     """What every stream transport's factory shares: the registry and the loop."""
 
     def __init__(self, registry, loop, limits):
@@ -267,12 +270,12 @@ class StreamLineProtocol(LineReceiver):
         self.session.connection_lost()
 
 
-class StreamLineFactory(_Sessions, protocol.Factory):
+class StreamLineFactory(Sessions, protocol.Factory):
     protocol = StreamLineProtocol
 
     def __init__(self, registry, loop, limits, reactor, auth=None):
         """auth: the TokenStore clients must present a token of, or None."""
-        _Sessions.__init__(self, registry, loop, limits)
+        Sessions.__init__(self, registry, loop, limits)
         self.reactor = reactor
         self.auth = auth
 
@@ -313,7 +316,7 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
     def failHandshake(self, reason, code=400, responseHeaders=None):
         # Autobahn logs the reason: a token offered as a subprotocol (say,
         # twice) must not get there.
-        reason = _TOKEN_IN_TEXT.sub(TOKEN_SUBPROTOCOL_PREFIX + "...", reason)
+        reason = _TOKEN_IN_TEXT.sub(r"\1...", reason)
         # Autobahn sends its handshake errors with no header fields; two
         # status codes must carry one (RFC 9110 sections 15.5.6 and 15.5.22).
         headers = list(responseHeaders or [])
@@ -343,7 +346,8 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
     def dataReceived(self, data):
         skip_debug_formatting(self, data)
 
-    def onConnect(self, request):
+    def check_origin(self, request):
+        """Refuse the handshake (HTTP 403) if it comes from a web origin not allowed."""
         self._peer_text = _peer(self.transport.getPeer())
         factory = self.factory
         if not origin_allowed(factory.allowed_origins, request.origin):
@@ -352,6 +356,10 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
                       origin=request.origin[:200])
             factory.registry.metrics.refused("origin")
             raise ConnectionDeny(403, "origin not allowed")
+
+    def onConnect(self, request):
+        self.check_origin(request)
+        factory = self.factory
         # Browsers fail a connection that offered subprotocols if the server
         # selects none of them; a token must never be the one selected.
         protocol = SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
@@ -418,7 +426,7 @@ class StreamWebSocketProtocol(WebSocketServerProtocol):
             self.session.connection_lost()
 
 
-class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
+class StreamWebSocketFactory(Sessions, WebSocketServerFactory):
     protocol = StreamWebSocketProtocol
 
     def __init__(self, registry, loop, limits, reactor, ping_interval=20.0, auth=None,
@@ -427,7 +435,7 @@ class StreamWebSocketFactory(_Sessions, WebSocketServerFactory):
         allowed_origins: the web origins (``scheme://host[:port]``) whose pages
         may connect, or None for any.  A handshake with no Origin header (not
         from a browser) is never refused for its origin."""
-        _Sessions.__init__(self, registry, loop, limits)
+        Sessions.__init__(self, registry, loop, limits)
         WebSocketServerFactory.__init__(self)
         self.reactor = reactor
         self.auth = auth

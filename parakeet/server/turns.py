@@ -195,16 +195,23 @@ class TurnTracker:
         self._sent = (self._detection(), self.last_state)
         return {"turn_detection": detection, "last_state": self.last_state}
 
-    def _end(self, reason):
-        words = self._words
-        self._words = None
+    def open_words(self):
+        """The open utterance's words so far, as an utterance lists them
+        (empty between utterances)."""
+        return self._listed(self._words or ())
+
+    def _listed(self, words):
         ms = self.frame_ms
-        listed = [{
+        return [{
             "word": w.text,
             "start_ms": w.first_frame * ms,
             "end_ms": (w.last_frame + 1) * ms,
             "confidence": round(sum(w.confidences) / len(w.confidences), 4),
         } for w in words if w.text]
+
+    def _end(self, reason):
+        listed = self._listed(self._words)
+        self._words = None
         utterance = {
             "index": self.utterances,
             "text": " ".join(w["word"] for w in listed),

@@ -55,14 +55,48 @@ class _Site(server.Site):
         pass
 
 
-def http_site(health, websocket_factory, metrics_resource=None):
-    """The HTTP port's site."""
+class _Listen(resource.Resource):
+    """``/v1/listen``: Deepgram's live WebSocket (GET) and its pre-recorded
+    transcription (POST) share the path."""
+
+    isLeaf = True
+
+    def __init__(self, websocket, prerecorded):
+        resource.Resource.__init__(self)
+        self.websocket = websocket
+        self.prerecorded = prerecorded
+
+    def render(self, request):
+        if request.method == b"POST":
+            return self.prerecorded.render(request)
+        return self.websocket.render(request)
+
+
+def api_resources(sessions, reactor, realtime_factory, listen_factory, auth=None):
+    """The ``/v1`` tree of other APIs' endpoints (parakeet.server.apis)."""
+    from .apis.prerecorded import PrerecordedResource
+    from .apis.transcriptions import TranscriptionsResource
+
+    v1 = resource.Resource()
+    v1.putChild(b"realtime", _StreamWebSocketResource(realtime_factory))
+    audio = resource.Resource()
+    audio.putChild(b"transcriptions", TranscriptionsResource(sessions, reactor, auth))
+    v1.putChild(b"audio", audio)
+    v1.putChild(b"listen", _Listen(_StreamWebSocketResource(listen_factory),
+                                   PrerecordedResource(sessions, reactor, auth)))
+    return v1
+
+
+def http_site(health, websocket_factory, metrics_resource=None, apis=None):
+    """The HTTP port's site; apis: the ``/v1`` tree, if served."""
     root = static.File(STATIC_DIR)
     root.putChild(b"healthz", _Probe(health, lambda h: h.loaded))
     root.putChild(b"readyz", _Probe(health, lambda h: h.ready))
     root.putChild(b"ws", _StreamWebSocketResource(websocket_factory))
     if metrics_resource is not None:
         root.putChild(b"metrics", metrics_resource)
+    if apis is not None:
+        root.putChild(b"v1", apis)
     site = _Site(root)
     site.displayTracebacks = False
     return site

@@ -1,6 +1,7 @@
 """Fakes for testing one layer at a time."""
 
 from parakeet.contract import StepResult
+from parakeet.server.protocol import Channel
 
 
 class FakeEngine:
@@ -44,7 +45,7 @@ class RecordingListener:
         self.failures.append((stream.id, reason))
 
 
-class FakeChannel:
+class FakeChannel(Channel):
 
     def __init__(self, peer="127.0.0.1:5555"):
         self.peer = peer
