@@ -578,6 +578,41 @@ class DeepgramRefusalTests(_APIServer, unittest.TestCase):
                                   if m.type == "Results").strip(), self.heard_first)
 
 
+class OverTLSTests(_APIServer, unittest.TestCase):
+    """The APIs on an HTTP port with TLS (--listen-http ssl:...)."""
+
+    def setUp(self):
+        from .support.servers import make_certificate, ssl_endpoint
+
+        self.cert, key = make_certificate(self.mktemp())
+        self.flags = ("--listen-http", ssl_endpoint(self.cert, key))
+        return _APIServer.setUp(self)
+
+    @defer.inlineCallbacks
+    def test_https_and_wss(self):
+        import ssl
+
+        import httpx
+        import openai
+
+        http = httpx.Client(verify=ssl.create_default_context(cafile=self.cert))
+        self.addCleanup(http.close)
+        client = openai.OpenAI(api_key=TOKEN, base_url="https://localhost:%d/v1" % self.http,
+                               websocket_base_url="wss://localhost:%d/v1" % self.http,
+                               http_client=http, max_retries=0)
+        result = yield self.in_thread(lambda: client.audio.transcriptions.create(
+            model="whisper-1", file=("x.wav", wav_bytes(self.clips[0][0]))))
+        self.assertEqual(result.text, self.heard_first)
+
+        def realtime():
+            options = {"ssl": ssl.create_default_context(cafile=self.cert)}
+            with client.realtime.connect(extra_query={"intent": "transcription"},
+                                         websocket_connection_options=options) as conn:
+                return conn.recv().type
+
+        self.assertEqual((yield self.in_thread(realtime)), "session.created")
+
+
 class DrainTests(_APIServer, unittest.TestCase):
     """A server shutting down finalizes each API's open streams, in the API's
     shapes, and refuses new ones."""

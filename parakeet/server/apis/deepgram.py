@@ -199,6 +199,7 @@ class ListenChannel(WebSocketChannel):
         self._interim = None      # the transcript of the last interim result
         self._finalizes = 0       # Finalize messages whose flush is not answered
         self._last_word_end = None  # ms, while an UtteranceEnd is due
+        self._speaking = False    # SpeechStarted sent, the utterance not ended
 
     def emit(self, message):
         WebSocketChannel.send(self, message)
@@ -214,12 +215,13 @@ class ListenChannel(WebSocketChannel):
 
     def close(self):
         stream = self.session.stream
-        # Every Finalize is answered, those the end of the stream overtook too.
-        while self._finalizes > 0:
-            self._finalizes -= 1
-            self._results([], True, stream.audio_ms, from_finalize=True)
-        self.emit(dict(metadata(self.request_id, self.model, stream.audio_seconds),
-                       type="Metadata"))
+        if stream is not None:
+            # Every Finalize is answered, those the end of the stream overtook too.
+            while self._finalizes > 0:
+                self._finalizes -= 1
+                self._results([], True, stream.audio_ms, from_finalize=True)
+            self.emit(dict(metadata(self.request_id, self.model, stream.audio_seconds),
+                           type="Metadata"))
         WebSocketChannel.close(self)
 
     def _results(self, listed, is_final, audio_ms, speech_final=False, from_finalize=False):
@@ -237,13 +239,16 @@ class ListenChannel(WebSocketChannel):
         options, turns = self.options, self.session.turns
         audio_ms = message["audio_ms"]
         turn = message.get("turn_detection")
-        if turn == START and options.vad_events:
-            open_words = turns.open_words()
-            start = open_words[0]["start_ms"] if open_words else audio_ms
+        utterance = message.get("utterance") if turn == END else None
+        # At an utterance's first words; or at its end, if it began and
+        # ended within one step.
+        heard = turns.open_words() if turn == START else (utterance or {}).get("words")
+        if options.vad_events and heard and not self._speaking:
             self.emit({"type": "SpeechStarted", "channel": CHANNEL,
-                       "timestamp": round(start / 1000.0, 3)})
-        utterance = message.get("utterance")
-        if turn == END and utterance is not None:
+                       "timestamp": round(heard[0]["start_ms"] / 1000.0, 3)})
+            self._speaking = True
+        if utterance is not None:
+            self._speaking = False
             reason = utterance["reason"]
             from_finalize = reason in ("flush", "final") and self._finalizes > 0
             if from_finalize:

@@ -223,7 +223,10 @@ class RealtimeChannel(WebSocketChannel):
 
     def _delta(self, delta, message):
         if self._item is None:
-            words = self.session.turns.open_words()
+            # The utterance this result ends, or else the one still open.
+            utterance = message.get("utterance") if message.get("turn_detection") == END \
+                else None
+            words = utterance["words"] if utterance else self.session.turns.open_words()
             start = words[0]["start_ms"] if words else message["audio_ms"]
             self._open(start)
             delta = delta.lstrip()
