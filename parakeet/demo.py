@@ -70,10 +70,11 @@ def show_sample(reactor, options, out, started):
               "  page (speak to it):  http://%s:%d/\n"
               "  WebSocket:           %s\n"
               "  TCP:                 %s:%d\n"
+              "  OpenAI and Deepgram: http://%s:%d/v1 (their clients' base URL)\n"
               "  try:                 parakeet-server transcribe --url %s FILE.wav\n"
               "Ctrl-C stops it.\n" % (
                   _host(options), options["http-port"], url, _host(options),
-                  options["port"], url))
+                  options["port"], _host(options), options["http-port"], url))
     out.flush()
 
 

@@ -244,30 +244,27 @@ class OpenAIRealtimeRefusalTests(_APIServer, unittest.TestCase):
 
     streams = 1
 
-    @defer.inlineCallbacks
-    def test_wrong_token(self):
+    def until_closed(self, client):
+        """(events, close code) of a Realtime session that only listens."""
         from websockets.exceptions import ConnectionClosedError
 
-        client = self.openai(api_key="wrong")
+        events = []
+        try:
+            with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+                for event in conn:
+                    events.append(event)
+        except ConnectionClosedError as e:
+            return events, e.rcvd.code
+        return events, None
 
-        def run():
-            events = []
-            try:
-                with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-                    for event in conn:
-                        events.append(event)
-            except ConnectionClosedError as e:
-                return events, e.rcvd.code
-            return events, None
-
-        events, code = yield self.in_thread(run)
+    @defer.inlineCallbacks
+    def test_wrong_token(self):
+        events, code = yield self.in_thread(self.until_closed, self.openai(api_key="wrong"))
         self.assertEqual(code, 1008)
         self.assertEqual([(e.type, e.error.code) for e in events], [("error", "invalid_api_key")])
 
     @defer.inlineCallbacks
     def test_full(self):
-        from websockets.exceptions import ConnectionClosedError
-
         client = self.openai()
         held = threading.Event()
         release = threading.Event()
@@ -280,16 +277,10 @@ class OpenAIRealtimeRefusalTests(_APIServer, unittest.TestCase):
 
         def second():
             held.wait(30)
-            events = []
             try:
-                with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-                    for event in conn:
-                        events.append(event)
-            except ConnectionClosedError as e:
-                return events, e.rcvd.code
+                return self.until_closed(client)
             finally:
                 release.set()
-            return events, None
 
         first = self.in_thread(hold)
         events, code = yield self.in_thread(second)

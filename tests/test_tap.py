@@ -237,6 +237,8 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(said, [DEMO_SAMPLE_TEXT])
         self.assertLessEqual(corpus.word_error_rate([(said[0], heard[0])]), WER_BOUND, lines)
         self.assertIn("http://127.0.0.1:%d/" % (ports[2],), proc.out.decode())
+        self.assertIn("OpenAI and Deepgram: http://127.0.0.1:%d/v1 " % (ports[2],),
+                      proc.out.decode())
         client = yield connect(reactor, "tcp://127.0.0.1:%d" % (ports[0],))
         self.assertEqual((yield client.next())["type"], "hello")
         client.send_audio(speechlike(5, 0.5), final=True)
