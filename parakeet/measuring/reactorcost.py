@@ -54,6 +54,7 @@ class _IdleLoop:
     """Stands in for the decode loop: chunks are cut, not decoded."""
 
     engine = _NoModel()
+    itn = None
 
     def wake(self):
         pass

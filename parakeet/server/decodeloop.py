@@ -32,6 +32,8 @@ class DecodeLoop(service.Service):
         Deferred runs a step off the reactor thread; by default on the loop's
         own one-thread pool."""
         self.engine = engine
+        #: The written forms of utterances (parakeet.server.itn), if served.
+        self.itn = None
         self.registry = registry
         self.reactor = reactor
         self.interval = interval

@@ -47,6 +47,7 @@ class Config:
     sample_rate = attr.ib(default=None)
     encoding = attr.ib(default=None)
     results = attr.ib(default=None)  #: one of RESULTS, or None: unchanged
+    itn = attr.ib(default=None)  #: written forms on or off; None: unchanged
 
 
 @attr.s(frozen=True, slots=True)
@@ -111,7 +112,10 @@ def _config(obj, _):
     if results is not None and results not in RESULTS:
         raise ProtocolError("unknown 'results' %s (expected one of: %s)"
                             % (json.dumps(results)[:40], ", ".join(RESULTS)))
-    return Config(_rate(obj), encoding, results)
+    itn = obj.get("itn")
+    if itn is not None and not isinstance(itn, bool):
+        raise ProtocolError("'itn' must be true or false")
+    return Config(_rate(obj), encoding, results, itn)
 
 
 _PARSERS = {
@@ -166,9 +170,11 @@ def hello(stream_id, sample_rate, model=None):
     return message
 
 
-def result(stream_id, text, token_ids, confidences, is_final, audio_ms, turn=None):
+def result(stream_id, text, token_ids, confidences, is_final, audio_ms, turn=None,
+           spoken_text=None):
     """A result; turn: the turn-detection fields (turn_detection, last_state
-    and, when an utterance ends, utterance)."""
+    and, when an utterance ends, utterance); spoken_text: with written forms
+    on, the transcript as spoken (text holds it as written)."""
     message = {
         "type": "result",
         "stream_id": stream_id,
@@ -178,6 +184,8 @@ def result(stream_id, text, token_ids, confidences, is_final, audio_ms, turn=Non
         "is_final": is_final,
         "audio_ms": audio_ms,
     }
+    if spoken_text is not None:
+        message["spoken_text"] = spoken_text
     if turn:
         message.update(turn)
     return message

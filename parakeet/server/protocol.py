@@ -87,6 +87,17 @@ class StreamSession:
         self.encoding = self.binary_encoding = "pcm16"
         #: A result after every decoded chunk, not only when there is news.
         self.every_chunk = False
+        #: Whether ended utterances are sent in their written form (--itn).
+        self.itn = False
+        #: Results in the order they are sent, waiting while an earlier
+        #: utterance's written form is being found.
+        self._outbox = []
+        self._writing = False
+        self._close_when_sent = False
+        #: The transcript as sent: written up to the last ended utterance,
+        #: which ends at self.text[:self._spoken_done].
+        self._written = ""
+        self._spoken_done = 0
         self.connected = False
         self._idle = None
         self._unread = None
@@ -122,6 +133,7 @@ class StreamSession:
         if sample_rate is not None:
             self.stream.set_input_rate(sample_rate)
         self.binary_encoding = encoding or self.binary_encoding
+        self.itn = self.loop.itn is not None
         engine = self.loop.engine
         self.turns = TurnTracker(self.limits.turns, engine.frame_ms, engine.eou_id,
                                  engine.vad is not None)
@@ -276,6 +288,10 @@ class StreamSession:
         stream = self.stream
         if self._ended("config"):
             return
+        if message.itn and self.loop.itn is None:
+            self.send_error("config: this server was started without --itn: it has no "
+                            "written forms; the config was ignored", "bad_message")
+            return
         if stream.received and message.sample_rate not in (None, stream.input_rate):
             self.send_error(
                 "config: sample_rate can only change before the first audio message "
@@ -288,6 +304,8 @@ class StreamSession:
             self.encoding = self.binary_encoding = message.encoding
         if message.results is not None:
             self.every_chunk = message.results == "every_chunk"
+        if message.itn is not None:
+            self.itn = message.itn
 
     def _flush(self):
         if self._ended("flush"):
@@ -365,7 +383,8 @@ class StreamSession:
             self._send_result(part.token_ids, part.confidences,
                               result.is_last and i == len(parts) - 1, part.turn)
         if result.is_last:
-            self.channel.close()
+            self._close_when_sent = True
+            self._deliver()
             return
         self._flushed()
         if self.turns.finalize_due and not stream.finishing:
@@ -375,10 +394,55 @@ class StreamSession:
             self._finish("silence")
 
     def _send_result(self, token_ids, confidences, is_final, turn):
-        stream = self.stream
-        self.channel.send(messages.result(
-            stream.id, self.text.strip(), token_ids, confidences, is_final,
-            stream.audio_ms, turn))
+        self._outbox.append((self.text, list(token_ids), list(confidences), is_final,
+                             self.stream.audio_ms, turn, self.itn))
+        self._deliver()
+
+    def _deliver(self):
+        """Send what waits in the outbox, in order, until an ended
+        utterance's written form must be found first (off the reactor
+        thread); close the connection after the last result if it is due."""
+        while self._outbox and not self._writing:
+            spoken, token_ids, confidences, is_final, audio_ms, turn, itn = self._outbox[0]
+            utterance = (turn or {}).get("utterance")
+            if (itn and utterance is not None and utterance["words"]
+                    and "spoken_text" not in utterance):
+                self._writing = True
+                d = self.loop.itn.utterance(utterance["words"])
+                d.addErrback(self._unwritten, utterance)
+                d.addCallback(self._written_utterance, utterance)
+                return
+            self._outbox.pop(0)
+            if utterance is not None:
+                # The utterance's text as sent replaces what was said since
+                # the last one ended.
+                self._written += (" " + utterance["text"] if "spoken_text" in utterance
+                                  else spoken[self._spoken_done:])
+                self._spoken_done = len(spoken)
+            if self.connected:
+                self.channel.send(messages.result(
+                    self.stream.id, (self._written + spoken[self._spoken_done:]).strip(),
+                    token_ids, confidences, is_final, audio_ms, turn,
+                    spoken.strip() if itn else None))
+        if not self._outbox and self._close_when_sent:
+            self._close_when_sent = False
+            if self.connected:
+                self.channel.close()
+
+    def _written_utterance(self, words, utterance):
+        if words is not None:
+            utterance["spoken_text"] = utterance["text"]
+            utterance["text"] = " ".join(w["word"] for w in words)
+            utterance["words"] = words
+        else:
+            utterance["spoken_text"] = utterance["text"]
+        self._writing = False
+        self._deliver()
+
+    def _unwritten(self, failure, utterance):
+        self.log.failure("stream {stream_id}: no written form for {text!r}", failure,
+                         stream_id=self.stream.id, text=utterance["text"])
+        return None
 
     def stream_failed(self, stream, reason):
         if self.connected:

@@ -151,6 +151,9 @@ class Options(CommandOptions):
     ]
     optFlags = [
         ("no-vad", None, "No voice activity detection (results carry last_state null)."),
+        ("itn", None, "Inverse text normalisation: an utterance's text as people write it "
+         "(\"07:30\", \"29340\"), its spoken words in spoken_text; a stream may turn it "
+         "off (config \"itn\": false).  Needs the itn extra."),
     ]
 
     def __init__(self):
@@ -169,6 +172,12 @@ class Options(CommandOptions):
                     raise usage.UsageError("--%s %s: %s" % (_listen_flag(kind), description, e))
         if self["max-batch"] is None:
             self["max-batch"] = self["max-num-streams"]
+        if self["itn"]:
+            from ..engine.nemo.itn import unsupported_reason
+
+            reason = unsupported_reason()
+            if reason is not None:
+                raise usage.UsageError("--itn: %s" % (reason,))
         self._check_access()
 
     def _check_access(self):
@@ -247,6 +256,20 @@ def load_engine(config):
     return engine
 
 
+def load_normalizer(config):
+    """The ITN normaliser if config asks for one, else None (blocking)."""
+    if not config["itn"]:
+        return None
+    from ..engine.nemo.itn import Normalizer
+
+    return Normalizer()
+
+
+def load_model(config):
+    """(engine, normaliser or None) for config (blocking)."""
+    return load_engine(config), load_normalizer(config)
+
+
 def makeService(config, reactor=None, engine=None):
     """The server; engine: a loaded one, used as it is (with or without its
     voice activity detection), else the service loads the model as config
@@ -319,7 +342,7 @@ def makeService(config, reactor=None, engine=None):
             Listener(reactor, description, factory,
                      what if i == 0 else "%s (%d)" % (what, i + 1)).setServiceParent(top)
     if engine is not None:
-        top.serve(engine)
+        top.serve(engine, load_normalizer(config))
     return top
 
 
@@ -346,10 +369,17 @@ class ServerService(service.MultiService):
         self._loading = None
         self._stopping = None
 
-    def serve(self, engine):
-        """Start decoding with engine, a loaded model."""
+    def serve(self, engine, normalizer=None):
+        """Start decoding with engine, a loaded model; normalizer: the ITN
+        normaliser, if streams get written forms."""
         engine.endpointing_ms = self.config["eou-silence-ms"]
         self.loop.engine = engine
+        if normalizer is not None:
+            from .itn import WrittenForms
+
+            written = WrittenForms(self.reactor, normalizer)
+            written.setServiceParent(self)
+            self.loop.itn = written
         self.metrics.attach(self.registry, self.loop, engine)
         self.registry.geometry = engine.geometry
         self.registry.model = served_name(engine.model_name)
@@ -364,12 +394,12 @@ class ServerService(service.MultiService):
         service.MultiService.startService(self)
         if self.loop.engine is None and self._loading is None:
             log.info("loading the model")
-            self._loading = in_own_thread(self.reactor, load_engine, self.config)
+            self._loading = in_own_thread(self.reactor, load_model, self.config)
             self._loading.addCallbacks(self._loaded, self._load_failed)
 
-    def _loaded(self, engine):
+    def _loaded(self, loaded):
         if self.running and self._stopping is None:
-            self.serve(engine)
+            self.serve(*loaded)
 
     def _load_failed(self, reason):
         from ..checkpoints import CannotServe

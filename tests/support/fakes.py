@@ -76,8 +76,9 @@ class FakeChannel(Channel):
 
 class FakeLoop:
 
-    def __init__(self, engine=None):
+    def __init__(self, engine=None, itn=None):
         self.engine = engine or FakeEngine(None)
+        self.itn = itn
         self.steps = 0
         self.busy = False
 

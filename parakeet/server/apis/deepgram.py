@@ -56,6 +56,8 @@ class Options:
     vad_events = attr.ib(default=False)
     #: ``utterances=true`` (pre-recorded): list the utterances.
     utterances = attr.ib(default=False)
+    #: ``smart_format`` or ``numerals``: final words as written (``--itn``).
+    written = attr.ib(default=False)
 
 
 def _last(params, name):
@@ -113,7 +115,8 @@ def options(params):
     return Options(encoding, rate, _boolean(params, "interim_results"),
                    endpointing is None or endpointing.lower() != "false",
                    utterance_end, _boolean(params, "vad_events"),
-                   _boolean(params, "utterances"))
+                   _boolean(params, "utterances"),
+                   _boolean(params, "smart_format") or _boolean(params, "numerals"))
 
 
 def model_info(model):
@@ -335,6 +338,7 @@ class ListenProtocol(StreamWebSocketProtocol):
         if self.session.stream is not None:
             # A result after every chunk, so that UtteranceEnd comes on time.
             self.session.every_chunk = True
+            self.session.itn = options.written and self.factory.loop.itn is not None
             if options.encoding is None:
                 self._header = bytearray()
 

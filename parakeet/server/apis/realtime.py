@@ -276,7 +276,11 @@ class RealtimeChannel(WebSocketChannel):
                       audio_end_ms=int(item.end_ms))
         self.emit("input_audio_buffer.committed", item_id=item.id,
                   previous_item_id=self._previous)
-        fields = {"item_id": item.id, "content_index": 0, "transcript": item.text.strip(),
+        # The words as written (with --itn), which the deltas, sent as they
+        # were heard, may not be.
+        transcript = " ".join(w["word"] for w in item.words) if item.words \
+            else item.text.strip()
+        fields = {"item_id": item.id, "content_index": 0, "transcript": transcript,
                   "usage": {"type": "duration",
                             "seconds": round(max(0, item.end_ms - item.start_ms) / 1000.0, 3)}}
         if self.logprobs:

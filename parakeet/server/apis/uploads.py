@@ -83,17 +83,21 @@ class UploadChannel(Channel):
         self.session = None
         self.done = defer.Deferred()
         self.utterances = []
+        #: The transcript as the last result said it (written, with --itn).
+        self.text = ""
         self._seen = 0
         self._paused = False
         self._failure = None
         self._samples = None
         self._at = 0
 
-    def start(self, session, samples, rate):
+    def start(self, session, samples, rate, written=None):
         self.session = session
         self._samples = samples
         session.connection_made(rate)
         if session.stream is not None:
+            if written is not None:
+                session.itn = written and session.loop.itn is not None
             self._feed()
 
     def _feed(self):
@@ -117,6 +121,7 @@ class UploadChannel(Channel):
             return
         if message.get("utterance") is not None:
             self.utterances.append(message["utterance"])
+        self.text = message["text"]
         text = self.session.text
         delta, self._seen = text[self._seen:], len(text)
         if self.on_text is not None and delta.strip():
@@ -132,7 +137,7 @@ class UploadChannel(Channel):
             failure, self._failure = self._failure, None
             self.done.errback(failure)
         elif not self.done.called:
-            self.done.callback(Transcript(session.text.strip(), self.utterances,
+            self.done.callback(Transcript(self.text, self.utterances,
                                           session.stream.audio_seconds))
 
     def abort(self):
@@ -147,11 +152,13 @@ class UploadChannel(Channel):
             self.clock.callLater(0, self._feed)
 
 
-def transcribe(sessions, reactor, samples, rate, transport, peer, on_text=None):
+def transcribe(sessions, reactor, samples, rate, transport, peer, on_text=None,
+               written=None):
     """A Deferred of the Transcript of samples at rate, decoded in a stream
     slot like a live stream's; UploadError if it cannot be.  on_text: called
-    with each piece of text as it is decoded.  Returns (channel, Deferred):
-    channel.cancel() ends the stream early."""
+    with each piece of text as it is decoded (as spoken); written: whether
+    utterances are written (with --itn), None: the server's default.
+    Returns (channel, Deferred): channel.cancel() ends the stream early."""
     limit = sessions.limits.max_stream_seconds
     if len(samples) > limit * rate:
         return None, defer.fail(UploadError(
@@ -159,5 +166,5 @@ def transcribe(sessions, reactor, samples, rate, transport, peer, on_text=None):
             "(--max-stream-seconds)" % (len(samples) / rate, limit), "max_stream_seconds"))
     channel = UploadChannel(reactor, peer, on_text)
     session = sessions.session(channel, transport)
-    channel.start(session, samples, rate)
+    channel.start(session, samples, rate, written)
     return channel, channel.done
