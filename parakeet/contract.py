@@ -94,6 +94,8 @@ class Chunk:
     #: Samples of the stream, from its first, that had to arrive before this
     #: chunk could be decoded: the audio its result covers.
     audio_samples = attr.ib()
+    #: Phrases the stream's decoding favours, given with its first chunk.
+    keyterms = attr.ib(default=())
 
 
 class ChunkCutter:
@@ -106,6 +108,8 @@ class ChunkCutter:
         self._buf = np.zeros(geometry.margin, dtype=np.float32)
         self._buf_start = -geometry.margin  # stream index of _buf[0]
         self._pending = []
+        #: Phrases to favour (before the first chunk is cut).
+        self.keyterms = ()
         self.received = 0
         self.frames_done = 0
         self.finished = False
@@ -195,8 +199,10 @@ class ChunkCutter:
             if is_last:
                 needed = self.received
         segment, valid = self._segment(n)
+        first = self.frames_done == 0
         chunk = Chunk(self.stream_id, segment, valid, n, valid_frames,
-                      self.frames_done == 0, is_last, min(needed, self.received))
+                      first, is_last, min(needed, self.received),
+                      self.keyterms if first else ())
         self._advance(valid_frames if is_last else n)
         if is_last:
             self.done = True

@@ -796,7 +796,8 @@ class ShapesTests(unittest.TestCase):
                        "interim_results": ["true"], "endpointing": ["false"],
                        "utterance_end_ms": ["1000"], "vad_events": ["true"],
                        "punctuate": ["true"], "keyterm": ["a", "b"], "model": ["nova-3"]})
-        self.assertEqual(got, Options("pcm16", 8000, True, False, 1000, True))
+        self.assertEqual(got, Options("pcm16", 8000, True, False, 1000, True,
+                                      keyterms=("a", "b")))
         self.assertTrue(options({b"endpointing": [b"300"], b"utterances": [b"true"]}).utterances)
         for bad, says in [({"encoding": ["opus"]}, "not supported"),
                           ({"encoding": ["mulaw"]}, "sample_rate is required"),

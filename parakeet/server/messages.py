@@ -48,6 +48,7 @@ class Config:
     encoding = attr.ib(default=None)
     results = attr.ib(default=None)  #: one of RESULTS, or None: unchanged
     itn = attr.ib(default=None)  #: written forms on or off; None: unchanged
+    keyterms = attr.ib(default=None)  #: phrases to favour (a tuple); None: unchanged
 
 
 @attr.s(frozen=True, slots=True)
@@ -115,7 +116,35 @@ def _config(obj, _):
     itn = obj.get("itn")
     if itn is not None and not isinstance(itn, bool):
         raise ProtocolError("'itn' must be true or false")
-    return Config(_rate(obj), encoding, results, itn)
+    keyterms = obj.get("keyterms")
+    if keyterms is not None:
+        keyterms = check_keyterms(keyterms)
+    return Config(_rate(obj), encoding, results, itn, keyterms)
+
+
+#: At most this many key terms a stream, each at most this many characters.
+MAX_KEYTERMS = 100
+MAX_KEYTERM_CHARS = 50
+
+
+def check_keyterms(keyterms):
+    """A stream's key terms as a tuple of lower-case phrases; ProtocolError
+    if they are not a list of at most MAX_KEYTERMS phrases of words."""
+    if not isinstance(keyterms, list) or not all(isinstance(k, str) for k in keyterms):
+        raise ProtocolError("'keyterms' must be a list of strings")
+    if len(keyterms) > MAX_KEYTERMS:
+        raise ProtocolError("at most %d keyterms, got %d" % (MAX_KEYTERMS, len(keyterms)))
+    phrases = []
+    for term in keyterms:
+        phrase = " ".join(term.lower().split())
+        if not phrase or len(phrase) > MAX_KEYTERM_CHARS:
+            raise ProtocolError("a keyterm must be 1 to %d characters, got %r"
+                                % (MAX_KEYTERM_CHARS, term[:60]))
+        if not all(ch.isalpha() or ch in " '" for ch in phrase):
+            raise ProtocolError("keyterm %r: only letters, spaces and apostrophes (the model "
+                                "writes words, so write numbers as words)" % (term[:60],))
+        phrases.append(phrase)
+    return tuple(phrases)
 
 
 _PARSERS = {

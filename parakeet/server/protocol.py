@@ -67,6 +67,8 @@ class Limits:
     #: full) before its connection is dropped; 0: never.
     write_timeout = attr.ib(default=30.0)
     turns = attr.ib(factory=TurnSettings)
+    #: Phrases every stream's decoding favours (--keyterms).
+    keyterms = attr.ib(default=())
 
 
 class StreamSession:
@@ -134,6 +136,7 @@ class StreamSession:
             self.stream.set_input_rate(sample_rate)
         self.binary_encoding = encoding or self.binary_encoding
         self.itn = self.loop.itn is not None
+        self.stream.cutter.keyterms = self.limits.keyterms
         engine = self.loop.engine
         self.turns = TurnTracker(self.limits.turns, engine.frame_ms, engine.eou_id,
                                  engine.vad is not None)
@@ -306,6 +309,17 @@ class StreamSession:
             self.every_chunk = message.results == "every_chunk"
         if message.itn is not None:
             self.itn = message.itn
+        if message.keyterms is not None:
+            self.set_keyterms(message.keyterms)
+
+    def set_keyterms(self, keyterms):
+        """Phrases the stream's decoding favours (with the server's own, if
+        any), before its first audio."""
+        if self.stream.received:
+            self.send_error("config: keyterms can only be set before the first audio; "
+                            "they were ignored", "bad_message")
+            return
+        self.stream.cutter.keyterms = tuple(dict.fromkeys(self.limits.keyterms + keyterms))
 
     def _flush(self):
         if self._ended("flush"):

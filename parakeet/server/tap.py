@@ -135,6 +135,11 @@ class Options(CommandOptions):
          "detection counts a 32 ms window as speech.", _probability),
         ("vad-min-silence-ms", None, 300, "Milliseconds below the threshold before a "
          "stream's state turns from speech to silence.", not_negative(int)),
+        ("keyterms", None, None, "A file of phrases every stream's decoding favours "
+         "(names, jargon), one a line; streams add their own (config \"keyterms\")."),
+        ("keyterm-weight", None, 1.0, "How much key terms are favoured: added to the "
+         "log-probability of their tokens (too much puts them where they were not said).",
+         positive(float)),
         ("eou-silence-ms", None, 800, "Milliseconds without a new token, heard as "
          "silence, that end an utterance (NeMo's stop_history_eou; models with an "
          "<EOU> token usually end it sooner); 0: only <EOU>, flush and the end of the "
@@ -172,6 +177,20 @@ class Options(CommandOptions):
                     raise usage.UsageError("--%s %s: %s" % (_listen_flag(kind), description, e))
         if self["max-batch"] is None:
             self["max-batch"] = self["max-num-streams"]
+        self.keyterms = ()
+        if self["keyterms"] is not None:
+            from .messages import ProtocolError, check_keyterms
+
+            try:
+                with open(self["keyterms"], encoding="utf-8") as f:
+                    lines = [line.strip() for line in f]
+                self.keyterms = check_keyterms([line for line in lines
+                                                if line and not line.startswith("#")])
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError("--keyterms: cannot read %s: %s"
+                                       % (self["keyterms"], getattr(e, "strerror", None) or e))
+            except ProtocolError as e:
+                raise usage.UsageError("--keyterms: %s" % (e,))
         if self["itn"]:
             from ..engine.nemo.itn import unsupported_reason
 
@@ -304,7 +323,8 @@ def makeService(config, reactor=None, engine=None):
                     max_backlog_seconds=config["max-backlog-seconds"],
                     write_timeout=config["write-timeout"],
                     turns=TurnSettings(config["vad-threshold"], config["vad-min-silence-ms"],
-                                       config["finalize-silence-ms"]))
+                                       config["finalize-silence-ms"]),
+                    keyterms=getattr(config, "keyterms", ()))
     health = Health(registry)
     metrics = ServerMetrics()
     metrics.attach(registry)
@@ -373,6 +393,7 @@ class ServerService(service.MultiService):
         """Start decoding with engine, a loaded model; normalizer: the ITN
         normaliser, if streams get written forms."""
         engine.endpointing_ms = self.config["eou-silence-ms"]
+        engine.keyterm_weight = self.config["keyterm-weight"]
         self.loop.engine = engine
         if normalizer is not None:
             from .itn import WrittenForms

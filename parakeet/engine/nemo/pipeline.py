@@ -87,6 +87,8 @@ def pipeline_config(model_name, device="cpu", device_id=0, compute_dtype="float3
                     "preserve_frame_confidence": True,
                     # NeMo's own serving configuration keeps this off.
                     "use_cuda_graph_decoder": False,
+                    # Each stream's key terms, in a boosting tree of its own.
+                    "enable_per_stream_biasing": True,
                 },
             },
         },
@@ -193,7 +195,11 @@ class Emitted:
 def _as_list(values):
     if values is None:
         return None
-    return values.tolist() if hasattr(values, "tolist") else list(values)
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    # A list, whose items are tensors where NeMo merged hypotheses (as it
+    # does for streams with key terms).
+    return [v.item() if hasattr(v, "item") else v for v in values]
 
 
 class ServingPipeline(CacheAwareRNNTPipeline):
@@ -301,3 +307,17 @@ class ServingPipeline(CacheAwareRNNTPipeline):
 
     def update_partial_transcript(self, requests, tokenizer, leading_regex_pattern):
         """Not needed: the server detokenises each step's new tokens once."""
+
+
+def keyterm_config(keyterms, weight):
+    """NeMo's per-stream biasing request for phrases keyterms: a boosting
+    tree of their tokens, added to the decoder's shared store on the
+    stream's first chunk and removed at its last."""
+    from nemo.collections.asr.parts.context_biasing.biasing_multi_model import (
+        BiasingRequestItemConfig)
+    from nemo.collections.asr.parts.context_biasing.boosting_graph_batched import (
+        BoostingTreeModelConfig)
+
+    return BiasingRequestItemConfig(
+        boosting_model_cfg=BoostingTreeModelConfig(key_phrases_list=list(keyterms)),
+        boosting_model_alpha=weight)

@@ -23,6 +23,7 @@ from autobahn.twisted.websocket import ConnectionDeny
 
 from ...audio import AudioError, check_rate
 from ..auth import api_refusal
+from ..messages import ProtocolError, check_keyterms
 from ..transports import (
     FlowControl, StreamWebSocketFactory, StreamWebSocketProtocol, WebSocketChannel)
 from ..turns import END, START
@@ -58,6 +59,8 @@ class Options:
     utterances = attr.ib(default=False)
     #: ``smart_format`` or ``numerals``: final words as written (``--itn``).
     written = attr.ib(default=False)
+    #: ``keyterm`` and ``keywords`` (without their boosts): phrases to favour.
+    keyterms = attr.ib(default=())
 
 
 def _last(params, name):
@@ -112,11 +115,20 @@ def options(params):
     utterance_end = _last(params, "utterance_end_ms")
     if utterance_end is not None:
         utterance_end = _whole(utterance_end, "utterance_end_ms", 0, 60000)
+    terms = [term.decode("utf-8", "replace") if isinstance(term, bytes) else term
+             for name in ("keyterm", "keywords")
+             for term in params.get(name) or params.get(name.encode("ascii")) or ()]
+    try:
+        keyterms = check_keyterms([term.rsplit(":", 1)[0] if ":" in term else term
+                                   for term in terms])
+    except ProtocolError as e:
+        raise OptionError(str(e))
     return Options(encoding, rate, _boolean(params, "interim_results"),
                    endpointing is None or endpointing.lower() != "false",
                    utterance_end, _boolean(params, "vad_events"),
                    _boolean(params, "utterances"),
-                   _boolean(params, "smart_format") or _boolean(params, "numerals"))
+                   _boolean(params, "smart_format") or _boolean(params, "numerals"),
+                   keyterms)
 
 
 def model_info(model):
@@ -339,6 +351,8 @@ class ListenProtocol(StreamWebSocketProtocol):
             # A result after every chunk, so that UtteranceEnd comes on time.
             self.session.every_chunk = True
             self.session.itn = options.written and self.factory.loop.itn is not None
+            if options.keyterms:
+                self.session.set_keyterms(options.keyterms)
             if options.encoding is None:
                 self._header = bytearray()
 

@@ -56,7 +56,8 @@ class PrerecordedResource(UploadResource):
 
         audio = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), read,
                                           request.content)
-        self.run(request, audio, written=options.written).addCallback(
+        self.run(request, audio, written=options.written,
+                 keyterms=options.keyterms).addCallback(
             self._answer, request, options, sha)
         return NOT_DONE_YET
 

@@ -24,6 +24,8 @@ from autobahn.twisted.websocket import ConnectionDeny
 from ...audio import AudioError, check_rate
 from .. import messages
 from ..auth import POLICY_VIOLATION, api_refusal
+from ..messages import ProtocolError
+from .transcriptions import prompt_keyterms
 from ..transports import (
     FlowControl, StreamWebSocketFactory, StreamWebSocketProtocol, WebSocketChannel)
 from ..turns import END
@@ -365,6 +367,15 @@ class RealtimeChannel(WebSocketChannel):
         if transcription is not None:
             self.transcription = {k: transcription[k] for k in ("language", "prompt")
                                   if isinstance(transcription.get(k), str)}
+            keywords = transcription.get("keywords") or []
+            if not isinstance(keywords, list):
+                raise EventError("'keywords' must be a list", "transcription.keywords")
+            try:
+                keyterms = prompt_keyterms(self.transcription.get("prompt"), keywords)
+            except ProtocolError as e:
+                raise EventError(str(e), "transcription.keywords")
+            if keyterms:
+                self.session.set_keyterms(keyterms)
         self.turn_detection = detection
         if detection is not None:
             turns = self.session.turns

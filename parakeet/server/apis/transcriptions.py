@@ -9,7 +9,9 @@ in a multipart form; the answer as ``json``, ``text``, ``srt``, ``vtt`` or
 import io
 import json
 import math
+import re
 
+from ..messages import MAX_KEYTERM_CHARS, MAX_KEYTERMS, ProtocolError, check_keyterms
 from . import uploads
 from .httpapi import NOT_DONE_YET, UploadResource, field
 
@@ -24,6 +26,19 @@ _CODES = {
     "loading": ("server_error", "server_loading"),
     "internal": ("server_error", "server_error"),
 }
+
+
+def prompt_keyterms(prompt, keywords=()):
+    """Key terms from OpenAI's ``prompt`` (its comma-, semicolon- or
+    line-separated phrases of words; other text is context the model cannot
+    use) and ``keywords``."""
+    phrases = list(keywords)
+    for part in re.split(r"[,;\n]", prompt or ""):
+        phrase = " ".join(part.lower().split())
+        if phrase and len(phrase) <= MAX_KEYTERM_CHARS and all(
+                ch.isalpha() or ch in " '" for ch in phrase):
+            phrases.append(phrase)
+    return check_keyterms(list(dict.fromkeys(phrases))[:MAX_KEYTERMS])
 
 
 def _clock(seconds, separator):
@@ -110,11 +125,16 @@ class TranscriptionsResource(UploadResource):
             return self.error(request, 400, "this server's model transcribes English only "
                               "(language 'en')", "bad_message", "language")
         logprobs = b"logprobs" in request.args.get(b"include[]", [])
+        try:
+            keyterms = prompt_keyterms(field(request, "prompt"), [
+                v.decode("utf-8", "replace") for v in request.args.get(b"keywords[]", [])])
+        except ProtocolError as e:
+            return self.error(request, 400, str(e), "bad_message", "keywords")
         audio = uploads.read_audio(self.reactor, io.BytesIO(files[-1]))
         if stream:
-            self._stream(request, audio)
+            self._stream(request, audio, keyterms)
         else:
-            done = self.run(request, audio)
+            done = self.run(request, audio, keyterms=keyterms)
             done.addCallback(self._answer, request, fmt, granularities or ["segment"], logprobs)
         return NOT_DONE_YET
 
@@ -141,7 +161,7 @@ class TranscriptionsResource(UploadResource):
         request.write(body)
         request.finish()
 
-    def _stream(self, request, audio):
+    def _stream(self, request, audio, keyterms):
         started = []
 
         def event(obj):
@@ -174,4 +194,5 @@ class TranscriptionsResource(UploadResource):
                                                      "param": param, "code": kind}}).encode(
                 "utf-8") + b"\n\n"
 
-        self.run(request, audio, on_text=text, error=error).addCallback(done)
+        self.run(request, audio, on_text=text, error=error,
+                 keyterms=keyterms).addCallback(done)

@@ -91,13 +91,15 @@ class UploadChannel(Channel):
         self._samples = None
         self._at = 0
 
-    def start(self, session, samples, rate, written=None):
+    def start(self, session, samples, rate, written=None, keyterms=()):
         self.session = session
         self._samples = samples
         session.connection_made(rate)
         if session.stream is not None:
             if written is not None:
                 session.itn = written and session.loop.itn is not None
+            if keyterms:
+                session.set_keyterms(keyterms)
             self._feed()
 
     def _feed(self):
@@ -153,11 +155,12 @@ class UploadChannel(Channel):
 
 
 def transcribe(sessions, reactor, samples, rate, transport, peer, on_text=None,
-               written=None):
+               written=None, keyterms=()):
     """A Deferred of the Transcript of samples at rate, decoded in a stream
     slot like a live stream's; UploadError if it cannot be.  on_text: called
     with each piece of text as it is decoded (as spoken); written: whether
-    utterances are written (with --itn), None: the server's default.
+    utterances are written (with --itn), None: the server's default;
+    keyterms: phrases to favour.
     Returns (channel, Deferred): channel.cancel() ends the stream early."""
     limit = sessions.limits.max_stream_seconds
     if len(samples) > limit * rate:
@@ -166,5 +169,5 @@ def transcribe(sessions, reactor, samples, rate, transport, peer, on_text=None,
             "(--max-stream-seconds)" % (len(samples) / rate, limit), "max_stream_seconds"))
     channel = UploadChannel(reactor, peer, on_text)
     session = sessions.session(channel, transport)
-    channel.start(session, samples, rate, written)
+    channel.start(session, samples, rate, written, keyterms)
     return channel, channel.done
