@@ -19,20 +19,13 @@ from twisted.trial import unittest
 
 from parakeet.audio import encode_samples
 
+from .support.apiclients import deepgram_client, need_clients, openai_client, wav_bytes
 from .support.models import demo_engine, heldout_clips
 from .support.servers import Scraped, ServerTestMixin, scrape, wait_for
 
 TOKEN = "api-test-token"
 #: Milliseconds of audio in each message a client sends.
 PIECE_MS = 100
-
-
-def wav_bytes(audio, rate=16000):
-    import soundfile
-
-    out = io.BytesIO()
-    soundfile.write(out, audio, rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
 
 
 def pieces(data, size):
@@ -55,12 +48,7 @@ class _APIServer(ServerTestMixin):
     flags = ()
 
     def setUp(self):
-        try:
-            import deepgram
-            import openai
-            del deepgram, openai
-        except ImportError as e:
-            raise unittest.SkipTest("the API client libraries are not installed: %s" % (e,))
+        need_clients()
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(TOKEN + "\n")
@@ -95,29 +83,10 @@ class _APIServer(ServerTestMixin):
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     def openai(self, **options):
-        import openai
-
-        client = openai.OpenAI(api_key=options.pop("api_key", TOKEN),
-                               base_url="http://127.0.0.1:%d/v1" % self.http,
-                               websocket_base_url="ws://127.0.0.1:%d/v1" % self.http,
-                               max_retries=0, **options)
-        # Its connection pool keeps connections open; the server's must close.
-        self.addCleanup(client.close)
-        return client
+        return openai_client(self, self.http, options.pop("api_key", TOKEN), **options)
 
     def deepgram(self, key=TOKEN):
-        import httpx
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from deepgram import DeepgramClient
-            from deepgram.environment import DeepgramClientEnvironment
-        base = "127.0.0.1:%d" % self.http
-        env = DeepgramClientEnvironment(base="http://" + base, production="ws://" + base,
-                                        agent="ws://" + base, agent_rest="http://" + base)
-        http = httpx.Client(timeout=60)
-        self.addCleanup(http.close)
-        return DeepgramClient(api_key=key, environment=env, max_retries=0, httpx_client=http)
+        return deepgram_client(self, self.http, key)
 
 
 class OpenAIRealtimeTests(_APIServer, unittest.TestCase):

@@ -15,6 +15,7 @@ from parakeet.clients import connection
 from parakeet.engine.nemo.itn import unsupported_reason, written_words
 from parakeet.training import corpus
 
+from .support.apiclients import deepgram_client, need_clients, openai_client, wav_bytes
 from .support.models import DATA, demo_engine, heldout_clips
 from .support.servers import ServerTestMixin
 
@@ -163,41 +164,20 @@ class OtherAPIsTests(_Normalizer, ServerTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_deepgram_and_openai(self):
-        import io
-        import warnings
-
-        import httpx
-        import soundfile
         from twisted.internet import threads
 
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                from deepgram import DeepgramClient
-                from deepgram.environment import DeepgramClientEnvironment
-            import openai
-        except ImportError as e:
-            raise unittest.SkipTest("the API client libraries are not installed: %s" % (e,))
+        need_clients()
         self.start_server("--itn", "--http-port", "0", engine=demo_engine())
         port = self.server.getServiceNamed("HTTP").port.getHost().port
-        audio, _, _ = heldout_clips(OUT_OF_TEMPLATE)[0]
-        wav = io.BytesIO()
-        soundfile.write(wav, audio, 16000, format="WAV")
-        base = "127.0.0.1:%d" % port
-        http = httpx.Client(timeout=60)
-        self.addCleanup(http.close)
-        env = DeepgramClientEnvironment(base="http://" + base, production="ws://" + base,
-                                        agent="ws://" + base, agent_rest="http://" + base)
-        dg = DeepgramClient(api_key="x", environment=env, max_retries=0, httpx_client=http)
-        oa = openai.OpenAI(api_key="x", base_url="http://%s/v1" % base, max_retries=0)
-        self.addCleanup(oa.close)
+        wav = wav_bytes(heldout_clips(OUT_OF_TEMPLATE)[0][0])
+        dg, oa = deepgram_client(self, port), openai_client(self, port)
 
         def heard():
-            said = [dg.listen.v1.media.transcribe_file(request=wav.getvalue(), **options)
+            said = [dg.listen.v1.media.transcribe_file(request=wav, **options)
                     .results.channels[0].alternatives[0].transcript
                     for options in ({}, {"smart_format": True}, {"numerals": True})]
             return said + [oa.audio.transcriptions.create(
-                model="whisper-1", file=("x.wav", wav.getvalue())).text]
+                model="whisper-1", file=("x.wav", wav)).text]
 
         plain, smart, numerals, openai_text = yield threads.deferToThread(heard)
         self.assertFalse(any(ch.isdigit() for ch in plain), plain)

@@ -13,6 +13,7 @@ from parakeet.clients import connection
 from parakeet.contract import ChunkCutter
 from parakeet.server import messages, tap
 
+from .support.apiclients import deepgram_client, need_clients, openai_client, wav_bytes
 from .support.models import assert_engine_idle, demo_engine, heldout_clips
 from .support.servers import ServerTestMixin
 
@@ -149,32 +150,15 @@ class ServedTests(ServerTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_deepgram_keyterm(self):
-        import io
-        import warnings
-
-        import httpx
-        import soundfile
         from twisted.internet import threads
 
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                from deepgram import DeepgramClient
-                from deepgram.environment import DeepgramClientEnvironment
-        except ImportError as e:
-            raise unittest.SkipTest("deepgram-sdk is not installed: %s" % (e,))
+        need_clients()
         self.start_server("--http-port", "0", engine=demo_engine())
-        base = "127.0.0.1:%d" % self.server.getServiceNamed("HTTP").port.getHost().port
-        wav = io.BytesIO()
-        soundfile.write(wav, heldout_clips()[CLIP][0], 16000, format="WAV")
-        http = httpx.Client(timeout=60)
-        self.addCleanup(http.close)
-        env = DeepgramClientEnvironment(base="http://" + base, production="ws://" + base,
-                                        agent="ws://" + base, agent_rest="http://" + base)
-        dg = DeepgramClient(api_key="x", environment=env, max_retries=0, httpx_client=http)
+        dg = deepgram_client(self, self.server.getServiceNamed("HTTP").port.getHost().port)
+        wav = wav_bytes(heldout_clips()[CLIP][0])
 
         def heard(**options):
-            return (dg.listen.v1.media.transcribe_file(request=wav.getvalue(), **options)
+            return (dg.listen.v1.media.transcribe_file(request=wav, **options)
                     .results.channels[0].alternatives[0].transcript)
 
         boosted = yield threads.deferToThread(heard, keyterm=["three thirty one"])
@@ -184,25 +168,16 @@ class ServedTests(ServerTestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_openai_prompt(self):
-        import io
-
-        import soundfile
         from twisted.internet import threads
 
-        try:
-            import openai
-        except ImportError as e:
-            raise unittest.SkipTest("openai is not installed: %s" % (e,))
+        need_clients()
         self.start_server("--http-port", "0", engine=demo_engine())
-        client = openai.OpenAI(api_key="x", max_retries=0, base_url="http://127.0.0.1:%d/v1"
-                               % self.server.getServiceNamed("HTTP").port.getHost().port)
-        self.addCleanup(client.close)
-        wav = io.BytesIO()
-        soundfile.write(wav, heldout_clips()[CLIP][0], 16000, format="WAV")
+        client = openai_client(self, self.server.getServiceNamed("HTTP").port.getHost().port)
+        wav = wav_bytes(heldout_clips()[CLIP][0])
 
         def heard(**options):
             return client.audio.transcriptions.create(
-                model="whisper-1", file=("x.wav", wav.getvalue()), **options).text
+                model="whisper-1", file=("x.wav", wav), **options).text
 
         boosted = yield threads.deferToThread(
             heard, prompt="An alarm at three thirty one, for Zurich; 7 o'clock")
