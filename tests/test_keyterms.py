@@ -24,8 +24,7 @@ CLIP, TERM, HEARD, SAID = 1, "three thirty one", "three twenty am", "three thirt
 
 def biasing_models(engine):
     """The boosting trees the decoder holds."""
-    computer = engine.pipeline.asr_model.asr_model.decoding.decoding.decoding_computer
-    store = computer.biasing_multi_model
+    store = engine.pipeline.biasing_store
     return store.num_models - len(store.free_ids)
 
 
@@ -148,39 +147,41 @@ class ServedTests(ServerTestMixin, unittest.TestCase):
         yield client.closed
         self.assertIn("before the first audio", client.errors()[0])
 
-    @defer.inlineCallbacks
-    def test_deepgram_keyterm(self):
-        from twisted.internet import threads
-
+    def http_server(self):
+        """The HTTP port of a server for the other APIs' clients."""
         need_clients()
         self.start_server("--http-port", "0", engine=demo_engine())
-        dg = deepgram_client(self, self.server.getServiceNamed("HTTP").port.getHost().port)
+        return self.server.getServiceNamed("HTTP").port.getHost().port
+
+    @defer.inlineCallbacks
+    def assertMended(self, heard, **boost):
+        """heard(**options): the clip's text as a client gets it (called off
+        the reactor thread); with boost, the key term is heard in it, and
+        without, the model's usual mishearing."""
+        from twisted.internet import threads
+
+        boosted = yield threads.deferToThread(heard, **boost)
+        plain = yield threads.deferToThread(heard)
+        self.assertIn(SAID, boosted)
+        self.assertIn(HEARD, plain)
+
+    def test_deepgram_keyterm(self):
+        dg = deepgram_client(self, self.http_server())
         wav = wav_bytes(heldout_clips()[CLIP][0])
 
         def heard(**options):
             return (dg.listen.v1.media.transcribe_file(request=wav, **options)
                     .results.channels[0].alternatives[0].transcript)
 
-        boosted = yield threads.deferToThread(heard, keyterm=["three thirty one"])
-        plain = yield threads.deferToThread(heard)
-        self.assertIn(SAID, boosted)
-        self.assertIn(HEARD, plain)
+        return self.assertMended(heard, keyterm=["three thirty one"])
 
-    @defer.inlineCallbacks
     def test_openai_prompt(self):
-        from twisted.internet import threads
-
-        need_clients()
-        self.start_server("--http-port", "0", engine=demo_engine())
-        client = openai_client(self, self.server.getServiceNamed("HTTP").port.getHost().port)
+        client = openai_client(self, self.http_server())
         wav = wav_bytes(heldout_clips()[CLIP][0])
 
         def heard(**options):
             return client.audio.transcriptions.create(
                 model="whisper-1", file=("x.wav", wav), **options).text
 
-        boosted = yield threads.deferToThread(
-            heard, prompt="An alarm at three thirty one, for Zurich; 7 o'clock")
-        plain = yield threads.deferToThread(heard)
-        self.assertIn(SAID, boosted)
-        self.assertIn(HEARD, plain)
+        return self.assertMended(heard,
+                                 prompt="An alarm at three thirty one, for Zurich; 7 o'clock")

@@ -223,9 +223,7 @@ class Engine:
             state = pipeline.get_state(sid)
             if state is not None and state.has_biasing_request():
                 # NeMo removes a stream's boosting tree only at its last chunk.
-                state.options.biasing_cfg.remove_from_multi_model(
-                    pipeline.asr_model.asr_model.decoding.decoding.decoding_computer
-                    .biasing_multi_model)
+                state.options.biasing_cfg.remove_from_multi_model(pipeline.biasing_store)
             pipeline.delete_state(sid)
             self._feature_cache.pop(sid, None)
         if self.vad is not None:

@@ -172,6 +172,12 @@ def _header_bytes(value):
         return value.encode("utf-8")
 
 
+def _authorization(value):
+    """(scheme in lower case, token) of an Authorization header field."""
+    scheme, _, token = value.strip().partition(" ")
+    return scheme.lower(), token.strip()
+
+
 def token_subprotocols(protocols):
     """The offered subprotocols that carry a token."""
     return [p for p in protocols if p.startswith(TOKEN_SUBPROTOCOL_PREFIX)]
@@ -186,11 +192,10 @@ def websocket_credential(headers, params, protocols):
     authorization = headers.get("authorization")
     bad_header = None
     if authorization is not None:
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and token:
+        scheme, token = _authorization(authorization)
+        if scheme == "bearer" and token:
             return Credential(_header_bytes(token), "the Authorization header")
-        bad_header = scheme.lower() != "bearer"
+        bad_header = scheme != "bearer"
     offered = token_subprotocols(protocols)
     if offered and offered[0][len(TOKEN_SUBPROTOCOL_PREFIX):]:
         return Credential(_header_bytes(offered[0][len(TOKEN_SUBPROTOCOL_PREFIX):]),
@@ -224,9 +229,8 @@ def api_credential(headers, protocols=()):
     (Deepgram's)."""
     authorization = headers.get("authorization")
     if authorization is not None:
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() in ("bearer", "token") and token:
+        scheme, token = _authorization(authorization)
+        if scheme in ("bearer", "token") and token:
             return Credential(_header_bytes(token), "the Authorization header")
         return Refusal("authentication required: the Authorization header must be "
                        "'Bearer TOKEN' or 'Token TOKEN'", MISSING)

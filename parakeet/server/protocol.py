@@ -444,12 +444,12 @@ class StreamSession:
                 self.channel.close()
 
     def _written_utterance(self, words, utterance):
+        """words: the utterance's written words, or None if they could not
+        be found (it is sent as spoken)."""
+        utterance["spoken_text"] = utterance["text"]
         if words is not None:
-            utterance["spoken_text"] = utterance["text"]
             utterance["text"] = " ".join(w["word"] for w in words)
             utterance["words"] = words
-        else:
-            utterance["spoken_text"] = utterance["text"]
         self._writing = False
         self._deliver()
 

@@ -165,6 +165,8 @@ class Options(CommandOptions):
         CommandOptions.__init__(self)
         for kind in LISTENERS:
             self[_listen_flag(kind)] = []
+        #: The phrases of the --keyterms file.
+        self.keyterms = ()
 
     def postOptions(self):
         from twisted.internet import endpoints, reactor
@@ -177,7 +179,6 @@ class Options(CommandOptions):
                     raise usage.UsageError("--%s %s: %s" % (_listen_flag(kind), description, e))
         if self["max-batch"] is None:
             self["max-batch"] = self["max-num-streams"]
-        self.keyterms = ()
         if self["keyterms"] is not None:
             from .messages import ProtocolError, check_keyterms
 
@@ -324,7 +325,7 @@ def makeService(config, reactor=None, engine=None):
                     write_timeout=config["write-timeout"],
                     turns=TurnSettings(config["vad-threshold"], config["vad-min-silence-ms"],
                                        config["finalize-silence-ms"]),
-                    keyterms=getattr(config, "keyterms", ()))
+                    keyterms=config.keyterms)
     health = Health(registry)
     metrics = ServerMetrics()
     metrics.attach(registry)

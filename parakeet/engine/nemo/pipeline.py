@@ -294,6 +294,11 @@ class ServingPipeline(CacheAwareRNNTPipeline):
         super().cache_aware_transcribe_step(
             requests, features, right_paddings, ready_state_ids, keep_all_outputs)
 
+    @property
+    def biasing_store(self):
+        """The decoder's store of every stream's key-term boosting tree."""
+        return self.asr_model.asr_model.decoding.decoding.decoding_computer.biasing_multi_model
+
     def run_greedy_decoder(self, state, request, hyp):
         start = state.offset
         tokens = _as_list(hyp.y_sequence)[start:]

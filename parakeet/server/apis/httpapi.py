@@ -7,7 +7,7 @@ until the request is answered or its client goes away.
 import json
 
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import resource
 
 from ..auth import api_refusal
 from . import uploads
@@ -127,5 +127,3 @@ class UploadResource(resource.Resource):
         audio.addErrback(failed)
         return audio
 
-
-NOT_DONE_YET = server.NOT_DONE_YET

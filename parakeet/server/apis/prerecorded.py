@@ -11,9 +11,10 @@ import json
 import uuid
 
 from twisted.internet import threads
+from twisted.web.server import NOT_DONE_YET
 
 from . import deepgram, uploads
-from .httpapi import NOT_DONE_YET, UploadResource
+from .httpapi import UploadResource
 
 #: Deepgram's err_code, by what an error is about.
 _CODES = {"unauthorized": "INVALID_AUTH", "full": "TOO_MANY_REQUESTS",

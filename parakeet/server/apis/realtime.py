@@ -157,7 +157,6 @@ class RealtimeChannel(WebSocketChannel):
         WebSocketChannel.__init__(self, proto, peer)
         self.session = None
         self.model = None
-        self.encoding, self.rate = "pcm16", DEFAULT_RATE
         self.format = {"type": "audio/pcm", "rate": DEFAULT_RATE}
         self.turn_detection = {"type": "server_vad"}
         self.transcription = {"language": "en"}
@@ -357,12 +356,12 @@ class RealtimeChannel(WebSocketChannel):
             raise EventError("'include' must be a list", "include")
         if fmt is not None:
             encoding, rate, shown = fmt
-            if (encoding, rate) != (self.encoding, self.rate):
-                if self.session.stream.received and rate != self.rate:
+            stream = self.session.stream
+            if (encoding, rate) != (self.session.binary_encoding, stream.input_rate):
+                if stream.received and rate != stream.input_rate:
                     raise EventError("the audio's rate can only change before the first "
                                      "audio is appended", "format", "bad_sample_rate")
                 self.session.configure(rate, encoding)
-                self.encoding, self.rate = encoding, rate
             self.format = shown
         if transcription is not None:
             self.transcription = {k: transcription[k] for k in ("language", "prompt")

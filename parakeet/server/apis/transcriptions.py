@@ -11,9 +11,11 @@ import json
 import math
 import re
 
+from twisted.web.server import NOT_DONE_YET
+
 from ..messages import MAX_KEYTERM_CHARS, MAX_KEYTERMS, ProtocolError, check_keyterms
 from . import uploads
-from .httpapi import NOT_DONE_YET, UploadResource, field
+from .httpapi import UploadResource, field
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
