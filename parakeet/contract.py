@@ -94,8 +94,9 @@ class Chunk:
     #: Samples of the stream, from its first, that had to arrive before this
     #: chunk could be decoded: the audio its result covers.
     audio_samples = attr.ib()
-    #: Phrases the stream's decoding favours, given with its first chunk.
-    keyterms = attr.ib(default=())
+    #: Phrases the stream's decoding favours from this chunk on: always given
+    #: with the first chunk, later only when they changed (None: unchanged).
+    keyterms = attr.ib(default=None)
 
 
 class ChunkCutter:
@@ -108,12 +109,22 @@ class ChunkCutter:
         self._buf = np.zeros(geometry.margin, dtype=np.float32)
         self._buf_start = -geometry.margin  # stream index of _buf[0]
         self._pending = []
-        #: Phrases to favour (before the first chunk is cut).
-        self.keyterms = ()
+        self._keyterms = ()
+        self._keyterms_changed = False
         self.received = 0
         self.frames_done = 0
         self.finished = False
         self.done = False
+
+    @property
+    def keyterms(self):
+        """Phrases to favour; set at any time, they go with the next chunk."""
+        return self._keyterms
+
+    @keyterms.setter
+    def keyterms(self, phrases):
+        self._keyterms = tuple(phrases)
+        self._keyterms_changed = True
 
     @property
     def buffered_samples(self):
@@ -202,7 +213,8 @@ class ChunkCutter:
         first = self.frames_done == 0
         chunk = Chunk(self.stream_id, segment, valid, n, valid_frames,
                       first, is_last, min(needed, self.received),
-                      self.keyterms if first else ())
+                      self._keyterms if first or self._keyterms_changed else None)
+        self._keyterms_changed = False
         self._advance(valid_frames if is_last else n)
         if is_last:
             self.done = True

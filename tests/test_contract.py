@@ -105,6 +105,17 @@ class ChunkCutterTests(unittest.TestCase):
         self.assertIsNone(cutter.next_chunk())
         self.assertRaises(ValueError, cutter.push, np.zeros(1, np.float32))
 
+    def test_keyterms_go_with_the_next_chunk(self):
+        """A stream's key terms go with its first chunk, and later with the
+        first chunk cut after they change (None: unchanged)."""
+        cutter = ChunkCutter(1, G)
+        cutter.push(np.zeros(16000, np.float32))
+        self.assertEqual(cutter.next_chunk().keyterms, ())
+        self.assertIsNone(cutter.next_chunk().keyterms)
+        cutter.keyterms = ["zurich"]
+        self.assertEqual(cutter.next_chunk().keyterms, ("zurich",))
+        self.assertIsNone(cutter.next_chunk().keyterms)
+
     def test_buffer_stays_bounded(self):
         cutter = ChunkCutter(1, G)
         for _ in range(200):

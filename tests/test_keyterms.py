@@ -5,10 +5,15 @@ boosting tree of its own in NeMo's batched greedy decoder: one stream's
 terms never change another's tokens.
 """
 
+import threading
+import warnings
+
+import numpy as np
 from twisted.internet import defer, reactor
 from twisted.python import usage
 from twisted.trial import unittest
 
+from parakeet.audio import encode_samples
 from parakeet.clients import connection
 from parakeet.contract import ChunkCutter
 from parakeet.server import messages, tap
@@ -65,8 +70,11 @@ class EngineTests(unittest.TestCase):
         assert_engine_idle(self, self.engine)
         self.assertEqual(biasing_models(self.engine), 0)
 
-    def decode(self, audios, keyterms):
-        """Streams decoded together, each with its key terms: their texts."""
+    def decode(self, audios, keyterms, changes=None):
+        """Streams decoded together, each with its key terms: their texts.
+        changes: {stream: (samples, key terms)}, the stream's key terms
+        replaced once that much of its audio has been decoded."""
+        changes = dict(changes or {})
         cutters = []
         for i, (audio, terms) in enumerate(zip(audios, keyterms)):
             cutter = ChunkCutter(500 + i, self.engine.geometry)
@@ -76,6 +84,10 @@ class EngineTests(unittest.TestCase):
             cutters.append(cutter)
         tokens = [[] for _ in audios]
         while True:
+            for i, (at, terms) in list(changes.items()):
+                if cutters[i].frames_done * self.engine.geometry.hop >= at:
+                    cutters[i].keyterms = terms
+                    del changes[i]
             chunks = [c for c in (cutter.next_chunk() for cutter in cutters) if c is not None]
             if not chunks:
                 break
@@ -92,6 +104,25 @@ class EngineTests(unittest.TestCase):
         boosted = self.decode([audio, audio] + others, [(TERM, "wednesday")] + [()] * 5)
         self.assertIn(SAID, boosted[0])
         self.assertEqual(boosted[1:], [plain[0]] + plain[1:])
+
+    def test_terms_replaced_mid_stream(self):
+        """Key terms given, replaced or cleared after the first audio act on
+        what is decoded after them, and only on their own stream."""
+        clips = heldout_clips()
+        first, audio = clips[3][0], clips[CLIP][0]
+        both = np.concatenate([first, audio])
+        others = [a for a, _, _ in clips[4:6]]
+        plain = self.decode([both] + others, [()] * 3)
+        self.assertNotIn(SAID, plain[0])
+        at = len(first)
+        given, replaced, cleared, *rest = self.decode(
+            [both, both, both] + others, [(), ("zurich",), (TERM,)] + [()] * 2,
+            {0: (at, (TERM,)), 1: (at, (TERM, "wednesday")), 2: (at, ())})
+        self.assertIn(SAID, given)
+        self.assertIn(SAID, replaced)
+        self.assertNotIn(SAID, cleared)
+        self.assertEqual(rest, plain[1:])
+        self.assertEqual(biasing_models(self.engine), 0)
 
     def test_abort_forgets_the_terms(self):
         cutter = ChunkCutter(600, self.engine.geometry)
@@ -128,24 +159,31 @@ class ServedTests(ServerTestMixin, unittest.TestCase):
         self.assertIn(HEARD, plain)
 
     @defer.inlineCallbacks
-    def test_server_terms_and_late_config(self):
+    def test_server_terms(self):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(TERM + "\n")
         self.start_server("--keyterms", path, engine=demo_engine())
-        audio = heldout_clips()[CLIP][0]
-        text, _ = yield self.stream(audio)
+        text, _ = yield self.stream(heldout_clips()[CLIP][0])
         self.assertIn(SAID, text)
-        # Too late once audio has come.
+
+    @defer.inlineCallbacks
+    def test_config_mid_stream(self):
+        """Key terms sent after audio act on what follows them."""
+        self.start_server(engine=demo_engine())
+        clips = heldout_clips()
+        first, audio = clips[3][0], clips[CLIP][0]
         client = yield connection.connect(
             reactor, "ws://127.0.0.1:%d" % self.ports["WebSocket clients"])
         yield client.next(lambda m: m["type"] == "hello")
-        client.send_audio(audio[:1600])
-        client.send({"type": "config", "keyterms": ["zurich"]})
-        client.send_audio(audio[1600:], final=True)
-        yield client.final()
+        client.send_audio(first)
+        yield client.next(lambda m: m.get("turn_detection") == "end_of_utterance")
+        client.send({"type": "config", "keyterms": ["Three Thirty One"]})
+        client.send_audio(audio, final=True)
+        final = yield client.final()
         yield client.closed
-        self.assertIn("before the first audio", client.errors()[0])
+        self.assertEqual(client.errors(), [])
+        self.assertIn(SAID, final["text"])
 
     def http_server(self):
         """The HTTP port of a server for the other APIs' clients."""
@@ -174,6 +212,47 @@ class ServedTests(ServerTestMixin, unittest.TestCase):
                     .results.channels[0].alternatives[0].transcript)
 
         return self.assertMended(heard, keyterm=["three thirty one"])
+
+    @defer.inlineCallbacks
+    def test_deepgram_configure(self):
+        """Deepgram's Configure replaces a live stream's keyterms and is
+        answered; one over the limits is refused and changes nothing."""
+        dg = deepgram_client(self, self.http_server())
+        clips = heldout_clips()
+        first, audio = encode_samples(clips[3][0]), encode_samples(clips[CLIP][0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from deepgram.core.events import EventType
+            from deepgram.listen.v1.types import ListenV1Configure
+
+        def run():
+            got = []
+            with dg.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=16000,
+                                      channels=1) as sock:
+                sock.on(EventType.MESSAGE, got.append)
+                listener = threading.Thread(target=sock.start_listening, daemon=True)
+                listener.start()
+                sock.send_media(first)
+                sock.send_configure(ListenV1Configure(keyterms=["x"] * 101))
+                sock.send_configure(ListenV1Configure(keyterms=[SAID],
+                                                      features={"numerals": False}))
+                sock.send_media(audio)
+                sock.send_close_stream()
+                listener.join(60)
+            return got
+
+        from twisted.internet import threads
+
+        got = yield threads.deferToThread(run)
+        failure, success = [m for m in got if m.type.startswith("Configure")]
+        self.assertEqual((failure.type, failure.code),
+                         ("ConfigureFailure", "CONFIGURE_KEYTERM_LIMIT_EXCEEDED"))
+        self.assertIn("at most 100", failure.description)
+        self.assertEqual((success.type, success.keyterms), ("ConfigureSuccess", [SAID]))
+        self.assertEqual(success.request_id, got[-1].request_id)
+        heard = " ".join(m.channel.alternatives[0].transcript for m in got
+                         if m.type == "Results")
+        self.assertIn(SAID, heard)
 
     def test_openai_prompt(self):
         client = openai_client(self, self.http_server())

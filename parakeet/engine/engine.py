@@ -198,17 +198,23 @@ class Engine:
             options = self._options
             if chunk.keyterms:
                 options = self._keyterm_options(chunk.keyterms)
+        elif chunk.keyterms is not None:
+            self.pipeline.replace_biasing(chunk.stream_id, self._keyterm_biasing(chunk.keyterms))
         return self._feature_buffer(
             features=buffer, stream_id=chunk.stream_id, is_first=chunk.is_first,
             is_last=chunk.is_last, length=cache_len + chunk.valid_frames, options=options)
 
     def _keyterm_options(self, keyterms):
         """A stream's own request options, with a boosting tree of its key terms."""
-        from .nemo.pipeline import keyterm_config
-
         return self._request_options(
             stop_history_eou=self._options.stop_history_eou,
-            biasing_cfg=keyterm_config(keyterms, self.keyterm_weight))
+            biasing_cfg=self._keyterm_biasing(keyterms))
+
+    def _keyterm_biasing(self, keyterms):
+        """NeMo's biasing request for keyterms (None for none)."""
+        from .nemo.pipeline import keyterm_config
+
+        return keyterm_config(keyterms, self.keyterm_weight) if keyterms else None
 
     def abort(self, stream_ids):
         """Forget streams that will get no last chunk: their NeMo state, encoder

@@ -32,6 +32,10 @@ class ProtocolError(ValueError):
         self.kind = kind
 
 
+class KeytermLimitError(ProtocolError):
+    """More key terms, or longer ones, than a stream may have."""
+
+
 @attr.s(frozen=True, slots=True)
 class Audio:
     samples = attr.ib(repr=False)
@@ -133,12 +137,12 @@ def check_keyterms(keyterms):
     if not isinstance(keyterms, list) or not all(isinstance(k, str) for k in keyterms):
         raise ProtocolError("'keyterms' must be a list of strings")
     if len(keyterms) > MAX_KEYTERMS:
-        raise ProtocolError("at most %d keyterms, got %d" % (MAX_KEYTERMS, len(keyterms)))
+        raise KeytermLimitError("at most %d keyterms, got %d" % (MAX_KEYTERMS, len(keyterms)))
     phrases = []
     for term in keyterms:
         phrase = " ".join(term.lower().split())
         if not phrase or len(phrase) > MAX_KEYTERM_CHARS:
-            raise ProtocolError("a keyterm must be 1 to %d characters, got %r"
+            raise KeytermLimitError("a keyterm must be 1 to %d characters, got %r"
                                 % (MAX_KEYTERM_CHARS, term[:60]))
         if not all(ch.isalpha() or ch in " '" for ch in phrase):
             raise ProtocolError("keyterm %r: only letters, spaces and apostrophes (the model "

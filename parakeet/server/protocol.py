@@ -314,11 +314,7 @@ class StreamSession:
 
     def set_keyterms(self, keyterms):
         """Phrases the stream's decoding favours (with the server's own, if
-        any), before its first audio."""
-        if self.stream.received:
-            self.send_error("config: keyterms can only be set before the first audio; "
-                            "they were ignored", "bad_message")
-            return
+        any), in place of those it had: from the audio not yet decoded on."""
         self.stream.cutter.keyterms = tuple(dict.fromkeys(self.limits.keyterms + keyterms))
 
     def _flush(self):

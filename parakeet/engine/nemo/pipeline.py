@@ -41,6 +41,8 @@ short for a server:
   it keeps by its length instead.
 """
 
+import dataclasses
+
 import attr
 import torch
 from omegaconf import OmegaConf
@@ -298,6 +300,24 @@ class ServingPipeline(CacheAwareRNNTPipeline):
     def biasing_store(self):
         """The decoder's store of every stream's key-term boosting tree."""
         return self.asr_model.asr_model.decoding.decoding.decoding_computer.biasing_multi_model
+
+    def replace_biasing(self, stream_id, biasing_cfg):
+        """Give a stream other key terms (biasing_cfg None: none) from its
+        next step on.  NeMo takes a stream's biasing request once, with its
+        first chunk; here the old boosting tree leaves the store, the new
+        one is added by the step as a first chunk's is, and the stream's
+        place in the old tree goes back to the start, where a new stream's
+        is."""
+        state = self.get_state(stream_id)
+        if state.has_biasing_request():
+            state.options.biasing_cfg.remove_from_multi_model(self.biasing_store)
+        state.options = dataclasses.replace(state.options, biasing_cfg=biasing_cfg)
+        hyp = state.get_previous_hypothesis()
+        if hyp is not None:
+            hyp.biasing_cfg = biasing_cfg
+            if hyp.dec_state is not None:
+                # The store is the decoder's last fusion model.
+                hyp.dec_state.fusion_state_list[-1] = self.biasing_store.get_init_states(1)[0]
 
     def run_greedy_decoder(self, state, request, hyp):
         start = state.offset

@@ -2,8 +2,8 @@
 Deepgram's live transcription: a WebSocket at ``/v1/listen``, its options
 in the URL's query.
 
-Binary messages carry the audio; text messages ``KeepAlive``, ``Finalize``
-and ``CloseStream``.  The server sends ``Results``: interim ones
+Binary messages carry the audio; text messages ``KeepAlive``, ``Finalize``,
+``Configure`` and ``CloseStream``.  The server sends ``Results``: interim ones
 (``is_final`` false, with ``interim_results=true``) for the utterance being
 heard, a final one (``is_final`` true) when an utterance ends, with
 ``speech_final`` true when it ended on its own (the model's ``<EOU>`` or
@@ -23,7 +23,7 @@ from autobahn.twisted.websocket import ConnectionDeny
 
 from ...audio import AudioError, check_rate
 from ..auth import api_refusal
-from ..messages import ProtocolError, check_keyterms
+from ..messages import KeytermLimitError, ProtocolError, check_keyterms
 from ..transports import (
     FlowControl, StreamWebSocketFactory, StreamWebSocketProtocol, WebSocketChannel)
 from ..turns import END, START
@@ -303,11 +303,37 @@ class ListenChannel(WebSocketChannel):
             self.session.flush()
         elif kind == "CloseStream":
             self.session.close_stream()
+        elif kind == "Configure":
+            self._configure(message)
         else:
             self.session.send_error(
-                "a text message must be {\"type\": \"KeepAlive\"}, {\"type\": \"Finalize\"} "
-                "or {\"type\": \"CloseStream\"}; audio goes in binary messages",
-                "bad_json" if message is None else "unknown_type")
+                "a text message must be {\"type\": \"KeepAlive\"}, {\"type\": \"Finalize\"}, "
+                "{\"type\": \"Configure\"} or {\"type\": \"CloseStream\"}; audio goes in "
+                "binary messages", "bad_json" if message is None else "unknown_type")
+
+    def _configure(self, message):
+        """Configure: new keyterms (replacing all, [] for none) and
+        features (numerals, smart_format) from the audio not yet decoded on;
+        answered with ConfigureSuccess, or ConfigureFailure changing nothing."""
+        answer = {"request_id": self.request_id}
+        terms, features = message.get("keyterms"), message.get("features")
+        try:
+            keyterms = None if terms is None else check_keyterms(terms)
+            if features is not None and not (
+                    isinstance(features, dict) and all(isinstance(v, bool) for v in features.values())):
+                raise ProtocolError("'features' must map feature names to true or false")
+        except ProtocolError as e:
+            code = ("CONFIGURE_KEYTERM_LIMIT_EXCEEDED" if isinstance(e, KeytermLimitError)
+                    else "CONFIGURE_INVALID")
+            self.emit(dict(answer, type="ConfigureFailure", code=code, description=str(e)))
+            return
+        if keyterms is not None:
+            self.session.set_keyterms(keyterms)
+            answer["keyterms"] = list(keyterms)
+        written = [v for k, v in (features or {}).items() if k in ("numerals", "smart_format")]
+        if written:
+            self.session.itn = any(written) and self.session.loop.itn is not None
+        self.emit(dict(answer, type="ConfigureSuccess"))
 
 
 class ListenProtocol(StreamWebSocketProtocol):

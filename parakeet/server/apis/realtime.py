@@ -373,8 +373,7 @@ class RealtimeChannel(WebSocketChannel):
                 keyterms = prompt_keyterms(self.transcription.get("prompt"), keywords)
             except ProtocolError as e:
                 raise EventError(str(e), "transcription.keywords")
-            if keyterms:
-                self.session.set_keyterms(keyterms)
+            self.session.set_keyterms(keyterms)
         self.turn_detection = detection
         if detection is not None:
             turns = self.session.turns
