@@ -26,16 +26,11 @@ from parakeet.checkpoints import (
 from parakeet.training import corpus, voices
 
 from .support.models import (
-    DATA, WER_BOUND, assert_engine_idle, decode_together, demo_engine, heldout_clips,
+    HELDOUT_ENGINES, OUT_OF_TEMPLATE, WER_BOUND, assert_engine_idle, decode_together, demo_engine, heldout_clips,
     offline_tokens, stream_alone, tokens_of)
 from .support.servers import ServerTestMixin
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
-#: Voices of engines the demo model never heard: flite's rms and festival's
-#: ked (tests/data/heldout-engines/README).
-HELDOUT_ENGINES = os.path.join(DATA, "heldout-engines")
-#: Digit strings, numbers alone and single words, outside the templates.
-OUT_OF_TEMPLATE = os.path.join(DATA, "out-of-template")
 
 #: Bounds on word error rate over the 16 clips of voices of engines never
 #: heard (flite rms, festival ked), over the 16 digit strings, numbers and

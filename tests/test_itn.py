@@ -6,7 +6,6 @@ stream turning it off.  The normaliser needs the ``itn`` extra
 (nemo_text_processing); without it those tests are skipped.
 """
 
-import os
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
@@ -16,10 +15,8 @@ from parakeet.engine.nemo.itn import unsupported_reason, written_words
 from parakeet.training import corpus
 
 from .support.apiclients import deepgram_client, need_clients, openai_client, wav_bytes
-from .support.models import DATA, demo_engine, heldout_clips
+from .support.models import OUT_OF_TEMPLATE, demo_engine, heldout_clips
 from .support.servers import ServerTestMixin
-
-OUT_OF_TEMPLATE = os.path.join(DATA, "out-of-template")
 
 #: Bound on the word error rate of the written transcripts of 20 held-out
 #: clips (16 digit strings, numbers and single words, 4 sentences) against

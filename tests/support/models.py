@@ -133,6 +133,11 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 HELDOUT = os.path.join(DATA, "heldout")
+#: Voices of engines the demo model never heard: flite's rms and festival's
+#: ked (tests/data/heldout-engines/README).
+HELDOUT_ENGINES = os.path.join(DATA, "heldout-engines")
+#: Digit strings, numbers alone and single words, outside the templates.
+OUT_OF_TEMPLATE = os.path.join(DATA, "out-of-template")
 
 
 #: Bound on word error rate over the 16 held-out clips.  Measured 0.181
