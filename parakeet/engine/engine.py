@@ -95,11 +95,13 @@ class Engine:
 
     @classmethod
     def load(cls, model_name, device=None, num_slots=16, batch_size=16,
-             chunk_ms=None, precision=None, fast_encoder=True, vad=True):
+             chunk_ms=None, precision=None, fast_encoder=True, vad=True,
+             cuda_graph_decoder=False):
         """precision: ``float32``, ``bfloat16``, ``float16``, or ``int8``
         (CPU only: eight-bit encoder weights, :mod:`parakeet.engine.quantize`);
         None: bfloat16 on CUDA, float32 on the CPU.  vad: run voice activity
-        detection on every stream."""
+        detection on every stream.  cuda_graph_decoder: run NeMo's greedy
+        decoder as CUDA graphs (on CUDA; ignored on the CPU)."""
         quiet_nemo()
         from .nemo.pipeline import ServingPipeline, pipeline_config
 
@@ -117,7 +119,8 @@ class Engine:
         cfg = pipeline_config(
             model_name, device=kind, device_id=index,
             compute_dtype="float32" if precision == "int8" else precision,
-            num_slots=num_slots, batch_size=min(batch_size, num_slots))
+            num_slots=num_slots, batch_size=min(batch_size, num_slots),
+            cuda_graph_decoder=cuda_graph_decoder and kind == "cuda")
         pipeline = ServingPipeline.build(cfg, chunk_ms=chunk_ms, fast_encoder=fast_encoder)
         if precision == "int8":
             from .quantize import quantize_encoder

@@ -38,6 +38,8 @@ class Architecture:
     pred_layers = attr.ib()
     joint_hidden = attr.ib()
     vocab_size = attr.ib()
+    #: [left, look-ahead] in encoder frames, or several such: the
+    #: look-aheads the model is trained for, the first its default.
     att_context_size = attr.ib(default=(70, 1))
     conv_kernel_size = attr.ib(default=9)
     eou_token = attr.ib(default=True)
@@ -56,7 +58,8 @@ ARCHITECTURES = {
     "large": Architecture(
         n_layers=24, d_model=1024, n_heads=8, features=128,
         subsampling_channels=256, pred_hidden=640, pred_layers=2,
-        joint_hidden=640, vocab_size=1024, eou_token=False),
+        joint_hidden=640, vocab_size=1024, eou_token=False,
+        att_context_size=((70, 1), (70, 0), (70, 6), (70, 13))),
     "tiny": Architecture(
         n_layers=2, d_model=64, n_heads=4, features=80,
         subsampling_channels=32, pred_hidden=64, pred_layers=1,

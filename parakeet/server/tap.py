@@ -159,6 +159,8 @@ class Options(CommandOptions):
         ("itn", None, "Inverse text normalisation: an utterance's text as people write it "
          "(\"07:30\", \"29340\"), its spoken words in spoken_text; a stream may turn it "
          "off (config \"itn\": false).  Needs the itn extra."),
+        ("cuda-graph-decoder", None, "On CUDA, run the greedy decoder's loop as CUDA "
+         "graphs (NeMo's label-looping decoder): fewer kernel launches a step."),
     ]
 
     def __init__(self):
@@ -270,7 +272,8 @@ def load_engine(config):
     engine = Engine.load(
         name, device=config["device"],
         num_slots=config["max-num-streams"], batch_size=config["max-batch"],
-        chunk_ms=config["chunk-ms"], precision=config["precision"], vad=not config["no-vad"])
+        chunk_ms=config["chunk-ms"], precision=config["precision"], vad=not config["no-vad"],
+        cuda_graph_decoder=config["cuda-graph-decoder"])
     engine.warm_up()
     freeze_loaded_objects()
     return engine

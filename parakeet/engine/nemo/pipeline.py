@@ -69,7 +69,7 @@ from .slots import SlotCaches
 
 
 def pipeline_config(model_name, device="cpu", device_id=0, compute_dtype="float32",
-                    num_slots=16, batch_size=16, max_symbols=10):
+                    num_slots=16, batch_size=16, max_symbols=10, cuda_graph_decoder=False):
     """The DictConfig the NeMo pipeline classes read, for one served model."""
     return OmegaConf.create({
         "pipeline_type": "cache_aware",
@@ -87,8 +87,8 @@ def pipeline_config(model_name, device="cpu", device_id=0, compute_dtype="float3
                 "greedy": {
                     "max_symbols": max_symbols,
                     "preserve_frame_confidence": True,
-                    # NeMo's own serving configuration keeps this off.
-                    "use_cuda_graph_decoder": False,
+                    # Off unless asked for, as in NeMo's own serving configuration.
+                    "use_cuda_graph_decoder": cuda_graph_decoder,
                     # Each stream's key terms, in a boosting tree of its own.
                     "enable_per_stream_biasing": True,
                 },
