@@ -11,6 +11,9 @@ import os
 MODEL_SIZES = {
     "small": "nvidia/parakeet_realtime_eou_120m-v1",
     "large": "nvidia/nemotron-speech-streaming-en-0.6b",
+    # Nemotron 3.5 ASR: the large model's architecture with language
+    # prompts, 40 locales, punctuation and capitals.
+    "multilingual": "nvidia/nemotron-3.5-asr-streaming-0.6b",
 }
 
 #: Models that ship inside the package, served with ``--model NAME``.

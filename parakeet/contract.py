@@ -97,6 +97,10 @@ class Chunk:
     #: Phrases the stream's decoding favours from this chunk on: always given
     #: with the first chunk, later only when they changed (None: unchanged).
     keyterms = attr.ib(default=None)
+    #: A multilingual model's language for the stream from this chunk on:
+    #: given with the first chunk and when it changed (None: unchanged, or
+    #: the model's default).
+    language = attr.ib(default=None)
 
 
 class ChunkCutter:
@@ -111,6 +115,8 @@ class ChunkCutter:
         self._pending = []
         self._keyterms = ()
         self._keyterms_changed = False
+        self._language = None
+        self._language_changed = False
         self.received = 0
         self.frames_done = 0
         self.finished = False
@@ -125,6 +131,17 @@ class ChunkCutter:
     def keyterms(self, phrases):
         self._keyterms = tuple(phrases)
         self._keyterms_changed = True
+
+    @property
+    def language(self):
+        """The stream's language (None: the model's default); set at any
+        time, it goes with the next chunk."""
+        return self._language
+
+    @language.setter
+    def language(self, code):
+        self._language = code
+        self._language_changed = True
 
     @property
     def buffered_samples(self):
@@ -213,8 +230,9 @@ class ChunkCutter:
         first = self.frames_done == 0
         chunk = Chunk(self.stream_id, segment, valid, n, valid_frames,
                       first, is_last, min(needed, self.received),
-                      self._keyterms if first or self._keyterms_changed else None)
-        self._keyterms_changed = False
+                      self._keyterms if first or self._keyterms_changed else None,
+                      self._language if first or self._language_changed else None)
+        self._keyterms_changed = self._language_changed = False
         self._advance(valid_frames if is_last else n)
         if is_last:
             self.done = True
@@ -248,6 +266,11 @@ class StepResult:
 
 WORD_START = "\u2581"
 _CONTROL_PIECE = re.compile(r"^<[^<>]+>$")
+
+
+#: A multilingual model's language tag, written after what it heard in
+#: that language (``<de-DE>``).
+LANGUAGE_TAG = re.compile(r"^<([a-z]{2}-[A-Z]{2})>$")
 
 
 def piece_text(piece):

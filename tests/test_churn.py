@@ -284,8 +284,9 @@ class ChurnTests(ServerTestMixin, unittest.TestCase):
 
         self.assertEqual(len(registry), 0)
         assert_engine_idle(self, self.engine)
-        self.assertEqual((yield self.status()), {"type": "status", "connected_streams": 0, "max_streams": CAPACITY,
-                          "state": "ready"})
+        status = yield self.status()
+        self.assertEqual(status, {"type": "status", "connected_streams": 0, "max_streams": CAPACITY,
+                                  "state": "ready", "model_info": status["model_info"]})
         # Descriptors of both ends of every connection are closed by now;
         # give any the reactor is still closing a moment.
         yield settle(lambda: open_fds() <= fds, timeout=10.0)

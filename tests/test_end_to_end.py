@@ -27,10 +27,14 @@ class StreamTestsMixin(ServerTestMixin):
         self.start_server()
         client = yield self.connect()
         hello = yield client.next()
-        self.assertEqual(set(hello), {"type", "stream_id", "sample_rate", "model"})
+        self.assertEqual(set(hello), {"type", "stream_id", "sample_rate", "model", "model_info"})
         self.assertEqual((hello["type"], hello["sample_rate"], hello["model"]),
                          ("hello", 16000, "tiny-replica.nemo"))
         self.assertIsInstance(hello["stream_id"], int)
+        self.assertEqual(hello["model_info"], {
+            "name": "tiny-replica.nemo", "device": "cpu", "precision": "float32",
+            "chunk_ms": 160, "chunk_sizes_ms": [160], "sample_rate": 16000,
+            "languages": ["en"], "language": "en"})
 
     @defer.inlineCallbacks
     def test_transcribes_like_offline(self):
@@ -196,7 +200,9 @@ class StreamTestsMixin(ServerTestMixin):
         yield third.closed
         status = yield self.status()
         self.assertEqual(status, {"type": "status", "connected_streams": 2,
-                                  "max_streams": 2, "state": "full"})
+                                  "max_streams": 2, "state": "full",
+                                  "model_info": status["model_info"]})
+        self.assertEqual(status["model_info"]["name"], "tiny-replica.nemo")
         # A finished stream's state is free for the next client.
         yield self.stream(first, speechlike(19, 0.5))
         yield wait_for(lambda: len(self.server.registry) == 1)
@@ -252,8 +258,10 @@ class StreamTestsMixin(ServerTestMixin):
     @defer.inlineCallbacks
     def test_status_port(self):
         self.start_server()
-        self.assertEqual((yield self.status()), {"type": "status", "connected_streams": 0,
-                                                 "max_streams": 100, "state": "ready"})
+        status = yield self.status()
+        self.assertEqual(status, {"type": "status", "connected_streams": 0,
+                                  "max_streams": 100, "state": "ready",
+                                  "model_info": status["model_info"]})
         a = yield self.connect()
         b = yield self.connect()
         yield a.next()

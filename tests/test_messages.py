@@ -5,6 +5,7 @@ import numpy as np
 from twisted.trial import unittest
 
 from parakeet.server import messages
+from parakeet.server.registry import ModelInfo
 from .support.servers import audio_json
 
 
@@ -91,12 +92,17 @@ class BuildTests(unittest.TestCase):
     def test_others(self):
         self.assertEqual(messages.hello(3, 16000),
                          {"type": "hello", "stream_id": 3, "sample_rate": 16000})
-        self.assertEqual(messages.hello(3, 16000, "demo"),
+        model = ModelInfo("demo", "cpu", "float32", 160, [160], 16000)
+        info = {"name": "demo", "device": "cpu", "precision": "float32", "chunk_ms": 160,
+                "chunk_sizes_ms": [160], "sample_rate": 16000, "languages": ["en"],
+                "language": "en"}
+        self.assertEqual(messages.hello(3, 16000, model),
                          {"type": "hello", "stream_id": 3, "sample_rate": 16000,
-                          "model": "demo"})
+                          "model": "demo", "model_info": info})
         self.assertEqual(messages.status(2, 8, "ready"),
                          {"type": "status", "connected_streams": 2, "max_streams": 8,
                           "state": "ready"})
+        self.assertEqual(messages.status(2, 8, "ready", model)["model_info"], info)
         self.assertEqual(messages.error("x"), {"type": "error", "message": "x"})
         self.assertEqual(messages.pong(), {"type": "pong"})
         self.assertEqual(messages.encode({"type": "pong"}), b'{"type":"pong"}')

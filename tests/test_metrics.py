@@ -17,7 +17,7 @@ from parakeet.server import messages
 from parakeet.server.decodeloop import DecodeLoop
 from parakeet.server.metrics import ERROR_KINDS, ServerMetrics
 from parakeet.server.protocol import Limits, StreamSession
-from parakeet.server.registry import RegistryLoading, StreamRegistry
+from parakeet.server.registry import ModelInfo, RegistryLoading, StreamRegistry
 
 from .support.fakes import FakeChannel, FakeEngine
 from .support.models import GEOMETRY, assert_engine_idle, shared_tiny_engine, speechlike
@@ -302,10 +302,16 @@ class StreamMetricsTests(MetricsCase):
         self.assertEqual(m("parakeet_errors_sent_total", kind="unauthorized"), 1)
 
     def test_model(self):
+        self.assertFalse(self.scrape().has("parakeet_model_info", model="fake", device="cpu",
+                                           precision="float32", chunk_sizes_ms="80,160",
+                                           languages="de,en", language="en"))
+        self.registry.model = ModelInfo("fake", "cpu", "float32", 160, [80, 160], 16000,
+                                        ["de", "en"], "en")
         m = self.scrape()
         self.assertEqual(m("parakeet_model_loaded"), 1)
-        self.assertEqual(m("parakeet_model_info", model="unknown", device="unknown",
-                           precision="unknown"), 1)
+        self.assertEqual(m("parakeet_model_info", model="fake", device="cpu",
+                           precision="float32", chunk_sizes_ms="80,160", languages="de,en",
+                           language="en"), 1)
         self.assertEqual(m("parakeet_chunk_seconds"), GEOMETRY.chunk_seconds)
         self.assertEqual(m("parakeet_decode_max_batch"), 2)
 
@@ -319,8 +325,7 @@ class BeforeAttachTests(unittest.TestCase):
         self.assertEqual(m("parakeet_model_loaded"), 0)
         self.assertEqual(m("parakeet_draining"), 0)
         self.assertEqual(m("parakeet_streams_opened_total", transport="tcp"), 0)
-        self.assertFalse(m.has("parakeet_model_info", model="unknown", device="unknown",
-                               precision="unknown"))
+        self.assertFalse([key for key in m.samples if key[0] == "parakeet_model_info"])
 
     def test_refusals_while_the_model_loads(self):
         # The registry exists before the model: attached alone, it counts
@@ -440,8 +445,6 @@ class ScrapeOverHTTPTests(unittest.TestCase):
         self.assertEqual(m("parakeet_result_latency_seconds_count"), self.loop.steps)
         self.assertGreater(m("parakeet_result_latency_seconds_sum"), 0)
         self.assertGreater(m("parakeet_real_time_factor"), 0)
-        self.assertEqual(m("parakeet_model_info", model=self.engine.model_name,
-                           device="cpu", precision="float32"), 1)
         self.assertEqual(m("parakeet_streams_active"), 0)
         self.assertGreater(m("process_resident_memory_bytes"), 0)
         assert_engine_idle(self, self.engine)

@@ -72,6 +72,21 @@ class TrackerTests(unittest.TestCase):
                             speech=[0.1] * 5)
         self.assertEqual(part.turn["turn_detection"], END)
 
+    def test_language_tags(self):
+        """A multilingual model's language tag is no word: the utterance
+        says the language instead, from its tag on."""
+        t = self.tracker()
+        (part,) = self.feed(t, 320, tokens=[(1, W + "guten", 1), (2, W + "tag", 2),
+                                            (3, "<de-DE>", 3)], speech=[0.9] * 5)
+        self.assertEqual(part.text, " guten tag")
+        self.assertEqual(t.language, "de-DE")
+        (part,) = self.feed(t, 480, tokens=[(EOU, "<EOU>", 4)], speech=[0.1] * 5)
+        utterance = part.turn["utterance"]
+        self.assertEqual((utterance["text"], utterance["language"]), ("guten tag", "de-DE"))
+        (part,) = self.feed(t, 640, tokens=[(4, W + "hello", 6), (5, "<en-US>", 7)],
+                            is_last=True, speech=[0.9] * 5)
+        self.assertEqual(part.turn["utterance"]["language"], "en-US")
+
     def test_eou_and_next_words_in_one_step_are_two_parts(self):
         t = self.tracker()
         self.feed(t, 160, tokens=[(1, W + "yes", 1)])

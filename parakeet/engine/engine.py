@@ -80,6 +80,18 @@ class Engine:
         self.endpointing_ms = 0
         #: How much a stream's key terms are favoured (the boosting tree's alpha).
         self.keyterm_weight = KEYTERM_WEIGHT
+        #: The language codes a multilingual model takes; empty for a model
+        #: of one language (English, for every other model served).
+        self.languages = pipeline.languages
+        #: The language of streams that name none: ``auto`` (the model
+        #: picks, and tags what it heard) where the model offers it.
+        self.default_language = None
+        if self.languages:
+            self.default_language = "auto" if "auto" in self.languages else self.languages[0]
+        from .nemo.pipeline import chunk_choices
+
+        #: The chunk lengths the model was trained for, in ms.
+        self.chunk_sizes_ms = tuple(sorted(chunk_choices(pipeline.asr_model)))
 
     @property
     def endpointing_ms(self):
@@ -144,17 +156,22 @@ class Engine:
     def vocabulary_size(self):
         return len(self.pipeline.vocabulary)
 
-    def decode_offline(self, samples):
+    def decode_offline(self, samples, language=None):
         """What the model decodes from a whole utterance at once, the
         reference streaming must match: (token ids, encoder frame of each
-        token, number of feature frames)."""
-        model = self.pipeline.asr_model.asr_model
+        token, number of feature frames).  language: a multilingual model's
+        (None: the default)."""
+        asr = self.pipeline.asr_model
+        model = asr.asr_model
         signal = torch.from_numpy(np.asarray(samples, dtype=np.float32))[None].to(self.device)
         with torch.inference_mode():
             feats, feat_len = self.pipeline.preprocessor(
                 input_signal=signal, length=torch.tensor([signal.shape[1]], device=self.device))
             encoded, encoded_len = model.encoder(
-                audio_signal=feats.to(self.pipeline.asr_model.cast_dtype), length=feat_len)
+                audio_signal=feats.to(asr.cast_dtype), length=feat_len)
+            if self.languages:
+                encoded = asr.prompted(encoded, self.pipeline.prompt_vector(
+                    language or self.default_language))
             hyp = model.decoding.rnnt_decoder_predictions_tensor(
                 encoded, encoded_len, return_hypotheses=True)[0]
         return (hyp.y_sequence.tolist(), [int(t) for t in torch.as_tensor(hyp.timestamp).tolist()],
@@ -198,20 +215,26 @@ class Engine:
             buffer = torch.cat([buffer, buffer.new_zeros(self._n_features, width - buffer.shape[1])], 1)
         options = None
         if chunk.is_first:
-            options = self._options
-            if chunk.keyterms:
-                options = self._keyterm_options(chunk.keyterms)
-        elif chunk.keyterms is not None:
-            self.pipeline.replace_biasing(chunk.stream_id, self._keyterm_biasing(chunk.keyterms))
+            options = self._first_options(chunk)
+        else:
+            if chunk.keyterms is not None:
+                self.pipeline.replace_biasing(chunk.stream_id,
+                                              self._keyterm_biasing(chunk.keyterms))
+            if chunk.language is not None and self.languages:
+                self.pipeline.set_language(chunk.stream_id, chunk.language)
         return self._feature_buffer(
             features=buffer, stream_id=chunk.stream_id, is_first=chunk.is_first,
             is_last=chunk.is_last, length=cache_len + chunk.valid_frames, options=options)
 
-    def _keyterm_options(self, keyterms):
-        """A stream's own request options, with a boosting tree of its key terms."""
+    def _first_options(self, chunk):
+        """A stream's request options: its key terms' boosting tree and its
+        language, if it has them."""
+        if not chunk.keyterms and not self.languages:
+            return self._options
         return self._request_options(
             stop_history_eou=self._options.stop_history_eou,
-            biasing_cfg=self._keyterm_biasing(keyterms))
+            biasing_cfg=self._keyterm_biasing(chunk.keyterms),
+            language_code=(chunk.language or self.default_language) if self.languages else None)
 
     def _keyterm_biasing(self, keyterms):
         """NeMo's biasing request for keyterms (None for none)."""

@@ -45,6 +45,25 @@ class Architecture:
     eou_token = attr.ib(default=True)
     #: Tokens greedy decoding emits per encoder frame, as calibrated.
     tokens_per_frame = attr.ib(default=0.3)
+    #: A multilingual model's language prompts: (code, prompt index) pairs;
+    #: empty for a model without them.
+    languages = attr.ib(default=())
+
+
+#: Nemotron 3.5 ASR's language prompts (its ``prompt_dictionary``): 40
+#: locales, short codes for some, and ``auto``, under which the model
+#: picks the language and tags it.
+MULTILINGUAL_PROMPTS = tuple(
+    [("en-US", 0), ("en", 0), ("en-GB", 1), ("es-ES", 2), ("es-US", 3), ("es", 3),
+     ("zh-CN", 4), ("zh-TW", 5), ("hi-IN", 6), ("hi", 6), ("ar-AR", 7), ("ar", 7),
+     ("fr-FR", 8), ("fr", 8), ("de-DE", 9), ("de", 9), ("ja-JP", 10), ("ru-RU", 11),
+     ("ru", 11), ("pt-BR", 12), ("pt-PT", 13), ("pt", 13), ("ko-KR", 14), ("ko", 14)]
+    + [(code, index) for index, code in enumerate(
+        "it-IT nl-NL pl-PL tr-TR uk-UA ro-RO el-GR cs-CZ hu-HU sv-SE da-DK fi-FI "
+        "no-NO sk-SK hr-HR bg-BG lt-LT".split(), 15)]
+    + [("th-TH", 32), ("vi-VN", 33), ("id-ID", 34), ("ms-MY", 35), ("et-EE", 60),
+       ("lv-LV", 61), ("sl-SI", 62), ("he-IL", 64), ("fr-CA", 100), ("auto", 101),
+       ("mt-MT", 102), ("nb-NO", 103), ("nn-NO", 104)])
 
 
 #: Published shapes of the two checkpoints the server serves by name, and a
@@ -64,7 +83,27 @@ ARCHITECTURES = {
         n_layers=2, d_model=64, n_heads=4, features=80,
         subsampling_channels=32, pred_hidden=64, pred_layers=1,
         joint_hidden=64, vocab_size=64, tokens_per_frame=4.0),
+    # Nemotron 3.5 ASR: the large model with language prompts before the
+    # joint, a wider vocabulary with a tag token for each locale, and
+    # chunks of 320 (its default), 80, 560 and 1120 ms.
+    "multilingual": Architecture(
+        n_layers=24, d_model=1024, n_heads=8, features=128,
+        subsampling_channels=256, pred_hidden=640, pred_layers=2,
+        joint_hidden=640, vocab_size=13088, eou_token=False,
+        att_context_size=((56, 3), (56, 0), (56, 6), (56, 13)),
+        languages=MULTILINGUAL_PROMPTS),
 }
+#: The tiny model with the multilingual model's prompts and chunk sizes.
+ARCHITECTURES["tiny-multilingual"] = attr.evolve(
+    ARCHITECTURES["tiny"], features=128, vocab_size=128, eou_token=False,
+    att_context_size=ARCHITECTURES["multilingual"].att_context_size,
+    languages=MULTILINGUAL_PROMPTS)
+
+
+def language_tags(arch):
+    """The tag tokens a multilingual model writes after what it heard:
+    one for each locale among its prompts (``<de-DE>``)."""
+    return ["<%s>" % code for code, _ in arch.languages if "-" in code]
 
 
 def _corpus(path, vocab_size, seed):
@@ -82,9 +121,10 @@ def _corpus(path, vocab_size, seed):
             f.write(" ".join(rng.choices(words, weights, k=12)) + "\n")
 
 
-def train_tokenizer(directory, vocab_size, eou_token=True, seed=0, sentences=None):
+def train_tokenizer(directory, vocab_size, eou_token=True, seed=0, sentences=None, symbols=()):
     """Train a SentencePiece BPE tokenizer laid out the way NeMo loads it,
-    on sentences, or on pseudo-text when none are given."""
+    on sentences, or on pseudo-text when none are given; symbols: control
+    tokens it holds besides ``<EOU>``."""
     import sentencepiece
 
     os.makedirs(directory, exist_ok=True)
@@ -99,7 +139,7 @@ def train_tokenizer(directory, vocab_size, eou_token=True, seed=0, sentences=Non
         input=corpus, model_prefix=os.path.join(directory, "tokenizer"),
         vocab_size=vocab_size - 1, model_type="bpe", character_coverage=1.0,
         bos_id=-1, eos_id=-1, unk_id=0,
-        user_defined_symbols=["<EOU>"] if eou_token else [],
+        user_defined_symbols=(["<EOU>"] if eou_token else []) + list(symbols),
         hard_vocab_limit=False, minloglevel=2, num_threads=1)
     processor = sentencepiece.SentencePieceProcessor(
         model_file=os.path.join(directory, "tokenizer.model"))
@@ -113,13 +153,17 @@ def train_tokenizer(directory, vocab_size, eou_token=True, seed=0, sentences=Non
 def model_config(arch, tokenizer_dir):
     from omegaconf import OmegaConf
 
+    prompts = {}
+    if arch.languages:
+        prompts = {"initialize_prompt_feature": True, "num_prompts": 128,
+                   "prompt_dictionary": dict(arch.languages)}
     return OmegaConf.create({
         "sample_rate": SAMPLE_RATE,
-        "model_defaults": {
+        "model_defaults": dict({
             "enc_hidden": arch.d_model,
             "pred_hidden": arch.pred_hidden,
             "joint_hidden": arch.joint_hidden,
-        },
+        }, **prompts),
         "tokenizer": {"dir": tokenizer_dir, "type": "bpe"},
         "preprocessor": {
             "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
@@ -137,7 +181,8 @@ def model_config(arch, tokenizer_dir):
             "causal_downsampling": True, "ff_expansion_factor": 4,
             "self_attention_model": "rel_pos", "n_heads": arch.n_heads,
             "att_context_size": list(arch.att_context_size),
-            "att_context_style": "chunked_limited", "xscaling": True,
+            "att_context_style": "chunked_limited", "xscaling": not arch.languages,
+            "use_bias": not arch.languages,
             "pos_emb_max_len": 5000,
             "conv_kernel_size": arch.conv_kernel_size,
             "conv_norm_type": "layer_norm", "conv_context_size": "causal",
@@ -177,7 +222,14 @@ def _calibrate_joint(model, tokens_per_frame):
         signal = torch.from_numpy(audio)[None]
         length = torch.tensor([signal.shape[1]])
         feats, feat_len = model.preprocessor(input_signal=signal, length=length)
-        return model.encoder(audio_signal=feats, length=feat_len)
+        encoded, encoded_len = model.encoder(audio_signal=feats, length=feat_len)
+        if getattr(model, "concat", False):
+            # What the joint sees: the encoder's output under a language prompt.
+            prompt = torch.zeros(1, encoded.shape[2], model.num_prompts)
+            prompt[:, :, 0] = 1.0
+            encoded = model.prompt_kernel(
+                torch.cat([encoded.transpose(1, 2), prompt], dim=-1)).transpose(1, 2)
+        return encoded, encoded_len
 
     quiet = np.zeros(4 * SAMPLE_RATE, np.float32)
     faint = (0.01 * np.random.default_rng(99).standard_normal(4 * SAMPLE_RATE)).astype(np.float32)
@@ -211,15 +263,16 @@ def build_replica(name_or_arch, path, seed=0):
     from ..engine.nemo.loading import quiet_nemo
 
     quiet_nemo()
-    from nemo.collections.asr.models import EncDecRNNTBPEModel
+    from nemo.collections.asr.models import EncDecRNNTBPEModel, EncDecRNNTBPEModelWithPrompt
 
     arch = ARCHITECTURES[name_or_arch] if isinstance(name_or_arch, str) else name_or_arch
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = train_tokenizer(
             os.path.join(scratch, "tokenizer"), arch.vocab_size,
-            eou_token=arch.eou_token, seed=seed)
-        model = EncDecRNNTBPEModel(cfg=model_config(arch, tokenizer_dir))
+            eou_token=arch.eou_token, seed=seed, symbols=language_tags(arch))
+        model_class = EncDecRNNTBPEModelWithPrompt if arch.languages else EncDecRNNTBPEModel
+        model = model_class(cfg=model_config(arch, tokenizer_dir))
         model.eval()
         _calibrate_joint(model, arch.tokens_per_frame)
         tmp = path + ".partial"

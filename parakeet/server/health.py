@@ -38,7 +38,8 @@ class Health:
 
     def status(self):
         """The status port's message."""
-        return messages.status(len(self.registry), self.registry.capacity, self.state)
+        return messages.status(len(self.registry), self.registry.capacity, self.state,
+                               self.registry.model)
 
     def agent_reply(self):
         """One line for HAProxy's agent-check.

@@ -53,6 +53,7 @@ class Config:
     results = attr.ib(default=None)  #: one of RESULTS, or None: unchanged
     itn = attr.ib(default=None)  #: written forms on or off; None: unchanged
     keyterms = attr.ib(default=None)  #: phrases to favour (a tuple); None: unchanged
+    language = attr.ib(default=None)  #: the stream's language code; None: unchanged
 
 
 @attr.s(frozen=True, slots=True)
@@ -123,7 +124,10 @@ def _config(obj, _):
     keyterms = obj.get("keyterms")
     if keyterms is not None:
         keyterms = check_keyterms(keyterms)
-    return Config(_rate(obj), encoding, results, itn, keyterms)
+    language = obj.get("language")
+    if language is not None and not isinstance(language, str):
+        raise ProtocolError("'language' must be a string such as \"de-DE\"")
+    return Config(_rate(obj), encoding, results, itn, keyterms, language)
 
 
 #: At most this many key terms a stream, each at most this many characters.
@@ -196,10 +200,12 @@ def encode(message):
 
 
 def hello(stream_id, sample_rate, model=None):
-    """model: the name of the model served (``models.served_name``), if known."""
+    """model: the :class:`parakeet.server.registry.ModelInfo` of the model
+    served, if known: its name, and all it says in ``model_info``."""
     message = {"type": "hello", "stream_id": stream_id, "sample_rate": sample_rate}
     if model is not None:
-        message["model"] = model
+        message["model"] = model.name
+        message["model_info"] = model.describe()
     return message
 
 
@@ -232,7 +238,11 @@ def pong():
     return {"type": "pong"}
 
 
-def status(connected_streams, max_streams, state):
-    """state: ``loading``, ``ready``, ``full`` or ``draining``."""
-    return {"type": "status", "connected_streams": connected_streams,
-            "max_streams": max_streams, "state": state}
+def status(connected_streams, max_streams, state, model=None):
+    """state: ``loading``, ``ready``, ``full`` or ``draining``; model: as
+    for :func:`hello`."""
+    message = {"type": "status", "connected_streams": connected_streams,
+               "max_streams": max_streams, "state": state}
+    if model is not None:
+        message["model_info"] = model.describe()
+    return message

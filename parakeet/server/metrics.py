@@ -158,12 +158,15 @@ class _Live:
             yield GaugeMetricFamily("parakeet_decode_max_batch",
                                     "Most streams decoded in one step (--max-batch).",
                                     loop.max_batch)
-        if engine is not None:
+        model = registry.model if registry is not None else None
+        if model is not None:
             yield InfoMetricFamily("parakeet_model", "The model served.", value={
-                "model": str(getattr(engine, "model_name", "unknown")),
-                "device": str(getattr(engine, "device", "unknown")),
-                "precision": str(getattr(engine, "precision", "unknown")),
+                "model": model.name, "device": model.device, "precision": model.precision,
+                "chunk_sizes_ms": ",".join(map(str, model.chunk_sizes_ms)),
+                "languages": ",".join(model.languages) or "en",
+                "language": model.language or "en",
             })
+        if engine is not None:
             yield GaugeMetricFamily("parakeet_chunk_seconds",
                                     "Audio each stream advances by per decode step.",
                                     m.chunk_seconds)

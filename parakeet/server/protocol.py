@@ -295,6 +295,13 @@ class StreamSession:
             self.send_error("config: this server was started without --itn: it has no "
                             "written forms; the config was ignored", "bad_message")
             return
+        language = None
+        if message.language is not None:
+            try:
+                language = self.registry.model.check_language(message.language)
+            except ValueError as e:
+                self.send_error("config: %s; the config was ignored" % (e,), "bad_message")
+                return
         if stream.received and message.sample_rate not in (None, stream.input_rate):
             self.send_error(
                 "config: sample_rate can only change before the first audio message "
@@ -311,6 +318,14 @@ class StreamSession:
             self.itn = message.itn
         if message.keyterms is not None:
             self.set_keyterms(message.keyterms)
+        if language is not None:
+            self.stream.cutter.language = language
+
+    def set_language(self, code):
+        """The stream's language, for a multilingual model, from the audio
+        not yet decoded on; ValueError, changing nothing, if the model
+        takes no such language."""
+        self.stream.cutter.language = self.registry.model.check_language(code)
 
     def set_keyterms(self, keyterms):
         """Phrases the stream's decoding favours (with the server's own, if

@@ -11,6 +11,50 @@ from ..audio import Resampler
 from ..contract import ChunkCutter
 
 
+@attr.s(frozen=True)
+class ModelInfo:
+    """What the server serves, as each ``hello``, the status port and
+    ``/metrics`` tell it."""
+
+    name = attr.ib()        #: the model's served name (``demo``, a Hugging Face id, a file)
+    device = attr.ib()
+    precision = attr.ib()
+    chunk_ms = attr.ib()    #: audio a stream advances by each step
+    chunk_sizes_ms = attr.ib(converter=tuple)  #: the chunk lengths the model was trained for
+    sample_rate = attr.ib()
+    #: The language codes a multilingual model takes; empty: English only.
+    languages = attr.ib(converter=tuple, default=())
+    #: The language of streams that choose none (None: English only).
+    language = attr.ib(default=None)
+
+    def describe(self):
+        """As JSON: ``name``, ``device``, ``precision``, ``chunk_ms``,
+        ``chunk_sizes_ms``, ``sample_rate``, ``languages`` (``["en"]`` for
+        a model of English only) and ``language``."""
+        return {"name": self.name, "device": self.device, "precision": self.precision,
+                "chunk_ms": self.chunk_ms, "chunk_sizes_ms": list(self.chunk_sizes_ms),
+                "sample_rate": self.sample_rate,
+                "languages": list(self.languages) or ["en"],
+                "language": self.language or "en"}
+
+    def check_language(self, code):
+        """The model's name for a stream's language code, matched without
+        regard to case; ValueError naming what the model takes if it takes
+        no such language.  A model of English only takes English codes."""
+        if not isinstance(code, str) or not 0 < len(code) <= 40:
+            raise ValueError("a language must be a code such as \"en\" or \"de-DE\"")
+        if not self.languages:
+            if code.lower() == "en" or code.lower().startswith("en-"):
+                return code
+            raise ValueError("language %r: this server's model transcribes English only"
+                             % (code,))
+        for known in self.languages:
+            if known.lower() == code.lower():
+                return known
+        raise ValueError("language %r: this server's model takes %s"
+                         % (code, ", ".join(self.languages)))
+
+
 class RegistryFull(Exception):
     """Every streaming state is taken."""
 
@@ -144,7 +188,7 @@ class StreamRegistry:
         self.geometry = geometry
         self.input_rate = input_rate
         self.clock = clock
-        #: The name of the model served, said in each hello once it is known.
+        #: The :class:`ModelInfo` of the model served, once it is loaded.
         self.model = None
         self._streams = OrderedDict()
         self._next_id = 1

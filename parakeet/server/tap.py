@@ -94,8 +94,11 @@ class Options(CommandOptions):
         ("agent-port", None, None, "HAProxy agent-check port, off unless given.",
          port_number),
         ("model-size", None, "small",
-         "Model to serve: small (%s) or large (%s)."
-         % (MODEL_SIZES["small"], MODEL_SIZES["large"]), _model_size),
+         "Model to serve: small (%s), large (%s) or multilingual (%s)."
+         % (MODEL_SIZES["small"], MODEL_SIZES["large"], MODEL_SIZES["multilingual"]),
+         _model_size),
+        ("language", None, None, "A multilingual model's language for streams that "
+         "choose none, e.g. de-DE [default: auto, the model picks]."),
         ("model", None, None, "'demo' (the built-in model, no download), a "
          "Hugging Face model id or a local .nemo file of any NeMo cache-aware "
          "RNNT model; overrides --model-size."),
@@ -129,8 +132,9 @@ class Options(CommandOptions):
          "the timers have one-second resolution); a client that does not answer "
          "within as long again is dropped; 0: no pings.", _ping_interval),
         ("chunk-ms", None, None, "Audio per model step in ms, for models trained "
-         "with several look-aheads (80, 160, 560 or 1120 for the large model) "
-         "[default: the model's own].", positive(int)),
+         "with several look-aheads (80, 160, 560 or 1120 for the large model; 80, "
+         "320, 560 or 1120 for the multilingual one) [default: the model's own].",
+         positive(int)),
         ("vad-threshold", None, 0.5, "Speech probability (0-1) at which voice activity "
          "detection counts a 32 ms window as speech.", _probability),
         ("vad-min-silence-ms", None, 300, "Milliseconds below the threshold before a "
@@ -261,6 +265,16 @@ def in_own_thread(reactor, f, *args, **kwargs):
     return d
 
 
+def model_info(engine):
+    """What a hello, the status port and /metrics say of engine's model."""
+    from .registry import ModelInfo
+
+    return ModelInfo(
+        served_name(engine.model_name), str(engine.device), engine.precision,
+        round(engine.geometry.chunk_seconds * 1000), engine.chunk_sizes_ms,
+        engine.sample_rate, engine.languages, engine.default_language)
+
+
 def load_engine(config):
     """The engine for config (blocking: run it off the reactor thread)."""
     from ..engine.allocator import freeze_loaded_objects
@@ -274,6 +288,10 @@ def load_engine(config):
         num_slots=config["max-num-streams"], batch_size=config["max-batch"],
         chunk_ms=config["chunk-ms"], precision=config["precision"], vad=not config["no-vad"],
         cuda_graph_decoder=config["cuda-graph-decoder"])
+    if config["language"] is not None:
+        language = model_info(engine).check_language(config["language"])
+        if engine.languages:
+            engine.default_language = language
     engine.warm_up()
     freeze_loaded_objects()
     return engine
@@ -407,7 +425,7 @@ class ServerService(service.MultiService):
             self.loop.itn = written
         self.metrics.attach(self.registry, self.loop, engine)
         self.registry.geometry = engine.geometry
-        self.registry.model = served_name(engine.model_name)
+        self.registry.model = model_info(engine)
         self.health.loaded = True
         log.info("ready: serving {model} on {device} in {precision}: {chunk_ms:.0f} ms "
                  "chunks, {rate} Hz model audio", model=engine.model_name,

@@ -20,7 +20,7 @@ An utterance starts with its first word and ends at the first of:
 
 import attr
 
-from ..contract import WORD_START, piece_text
+from ..contract import LANGUAGE_TAG, WORD_START, piece_text
 
 START = "start_of_utterance"
 RUNNING = "running"
@@ -79,6 +79,8 @@ class TurnTracker:
         self.vad = vad
         self.last_state = None
         self.utterances = 0
+        #: The language a multilingual model last tagged what it heard with.
+        self.language = None
         self._words = None       # the open utterance's words, None between
         self._below_ms = 0.0     # ms of windows below the threshold, in a row
         self._heard_speech = False
@@ -132,6 +134,9 @@ class TurnTracker:
                     started = False
                 continue
             self._last_token_ms = (frame + 1) * self.frame_ms
+            tag = LANGUAGE_TAG.match(piece)
+            if tag:
+                self.language = tag.group(1)
             added = piece_text(piece)
             if not added:
                 continue
@@ -220,6 +225,8 @@ class TurnTracker:
             "words": listed,
             "reason": reason,
         }
+        if self.language is not None:
+            utterance["language"] = self.language
         self.utterances += 1
         turn = self._turn(END)
         turn["utterance"] = utterance

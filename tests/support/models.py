@@ -22,16 +22,17 @@ GEOMETRY = ChunkGeometry(hop=160, n_fft=512, pad=256, first_frames=9,
                          chunk_frames=16, cache_frames=9, sample_rate=16000)
 
 
-def tiny_model_path():
-    """Path of the tiny replica, built on first use in this run."""
-    if "tiny" not in _built:
+def tiny_model_path(arch="tiny"):
+    """Path of the tiny replica (arch: or another replica architecture),
+    built on first use in this run."""
+    if arch not in _built:
         from parakeet.measuring.replica import build_replica
 
-        path = os.path.abspath("tiny-replica.nemo")
+        path = os.path.abspath("%s-replica.nemo" % (arch,))
         if not os.path.exists(path):
-            build_replica("tiny", path, seed=0)
-        _built["tiny"] = path
-    return _built["tiny"]
+            build_replica(arch, path, seed=0)
+        _built[arch] = path
+    return _built[arch]
 
 
 def load_tiny_engine(num_slots=16, batch_size=16):

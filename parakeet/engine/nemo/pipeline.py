@@ -41,6 +41,7 @@ short for a server:
   it keeps by its length instead.
 """
 
+import copy
 import dataclasses
 
 import attr
@@ -123,14 +124,20 @@ def pipeline_config(model_name, device="cpu", device_id=0, compute_dtype="float3
     })
 
 
-def att_context_for(asr, chunk_ms):
-    """The attention context [left, look-ahead] whose chunks are chunk_ms long."""
+def chunk_choices(asr):
+    """{chunk ms: attention context [left, look-ahead]} for each look-ahead
+    the model was trained with."""
     encoder = asr.asr_model.encoder
     frame_ms = asr.get_model_stride(in_milliseconds=True)
     left = encoder.att_context_size[0]
     supported = [list(c) for c in getattr(encoder, "att_context_size_all", None)
                  or [encoder.att_context_size]]
-    choices = {round((c[1] + 1) * frame_ms): c for c in supported if c[0] == left}
+    return {round((c[1] + 1) * frame_ms): c for c in supported if c[0] == left}
+
+
+def att_context_for(asr, chunk_ms):
+    """The attention context [left, look-ahead] whose chunks are chunk_ms long."""
+    choices = chunk_choices(asr)
     if chunk_ms not in choices:
         raise ValueError("the model cannot run %d ms chunks; it was trained for %s ms"
                          % (chunk_ms, ", ".join(str(ms) for ms in sorted(choices))))
@@ -150,33 +157,58 @@ class ServingModel(CacheAwareRNNTInferenceWrapper):
         if self.device_str == "cpu" and kwargs.get("compute_dtype") == "bfloat16":
             self.compute_dtype = self.cast_dtype = torch.bfloat16
             self.asr_model.to(torch.bfloat16)
+        #: A multilingual model's prompt projection, in float32 whatever the
+        #: model's arithmetic: in bfloat16 a one-hot language's share of
+        #: the projection's sums is lost to rounding.
+        self.prompt_kernel = None
+        if getattr(self.asr_model, "concat", False):
+            self.prompt_kernel = copy.deepcopy(self.asr_model.prompt_kernel).float()
 
     def load_model(self, model_name, map_location):
         return load_asr_model(model_name, map_location)
 
+    def prompted(self, encoded, prompt_vectors):
+        """The encoder's output (B, D, T) under each row's language prompt
+        (one-hot rows of prompt_vectors), as the model's joint reads it."""
+        rows = encoded.transpose(1, 2).float()
+        prompts = prompt_vectors.float()[:, None, :].expand(-1, rows.shape[1], -1)
+        return self.prompt_kernel(torch.cat([rows, prompts], dim=-1)).transpose(1, 2).to(
+            encoded.dtype)
+
     def execute_step(self, processed_signal, processed_signal_length, context,
                      previous_hypotheses, drop_extra_pre_encoded, keep_all_outputs,
                      drop_left_context=None, valid_out_len=None, prompt_vectors=None):
-        """keep_all_outputs may also be a list, per row (ServingPipeline)."""
-        if not isinstance(keep_all_outputs, list):
-            return super().execute_step(
-                processed_signal, processed_signal_length, context, previous_hypotheses,
-                drop_extra_pre_encoded, keep_all_outputs, drop_left_context, valid_out_len,
-                prompt_vectors)
-        # Last chunks beside others, in one encoder call: every row's output
-        # is kept, then the other rows are cut to what they would keep on
-        # their own, by their lengths (the decoder reads no further).
+        """NeMo's step, with two changes: keep_all_outputs may also be a
+        list, per row (ServingPipeline), and a multilingual model's rows
+        get their language prompts (NeMo 3.0's wrapper takes them and
+        drops them)."""
+        per_row = isinstance(keep_all_outputs, list)
         encoder = self.asr_model.encoder
         encoded, encoded_len, channel, time, channel_len = encoder.cache_aware_stream_step(
             processed_signal=processed_signal, processed_signal_length=processed_signal_length,
             cache_last_channel=context.cache_last_channel,
             cache_last_time=context.cache_last_time,
             cache_last_channel_len=context.cache_last_channel_len,
-            keep_all_outputs=True, drop_extra_pre_encoded=drop_extra_pre_encoded)
-        kept = encoder.streaming_cfg.valid_out_len
-        if kept > 0:
-            last = torch.tensor(keep_all_outputs, device=encoded_len.device)
-            encoded_len = torch.where(last, encoded_len, encoded_len.clamp(max=kept))
+            keep_all_outputs=per_row or keep_all_outputs,
+            drop_extra_pre_encoded=drop_extra_pre_encoded)
+        if per_row:
+            # Last chunks beside others, in one encoder call: every row's
+            # output is kept, then the other rows are cut to what they
+            # would keep on their own, by their lengths (the decoder reads
+            # no further).
+            kept = encoder.streaming_cfg.valid_out_len
+            if kept > 0:
+                last = torch.tensor(keep_all_outputs, device=encoded_len.device)
+                encoded_len = torch.where(last, encoded_len, encoded_len.clamp(max=kept))
+        else:
+            if drop_left_context:
+                encoded = encoded[:, :, drop_left_context:]
+                encoded_len = encoded_len - drop_left_context
+            if valid_out_len and not keep_all_outputs:
+                encoded = encoded[:, :, :valid_out_len]
+                encoded_len = torch.ones_like(encoded_len) * valid_out_len
+        if prompt_vectors is not None and self.prompt_kernel is not None:
+            encoded = self.prompted(encoded, prompt_vectors)
         best_hyp = self.asr_model.decoding.rnnt_decoder_predictions_tensor(
             encoded, encoded_len, return_hypotheses=True, partial_hypotheses=previous_hypotheses)
         return best_hyp, CacheAwareContext(cache_last_channel=channel, cache_last_time=time,
@@ -295,6 +327,23 @@ class ServingPipeline(CacheAwareRNNTPipeline):
             keep_all_outputs = lasts
         super().cache_aware_transcribe_step(
             requests, features, right_paddings, ready_state_ids, keep_all_outputs)
+
+    @property
+    def languages(self):
+        """The language codes a multilingual model takes (its prompt
+        dictionary's keys); empty for other models."""
+        if not self.prompt_enabled:
+            return ()
+        return tuple(sorted(self._prompt_config["prompt_dict"]))
+
+    def set_language(self, stream_id, code):
+        """Decode a stream's next steps under language code's prompt."""
+        self.get_state(stream_id).set_prompt_index(self._resolve_prompt_index(code))
+
+    def prompt_vector(self, code):
+        """Language code's one-hot prompt, a row of a step's prompt vectors."""
+        return self._create_one_hot_prompts(
+            torch.tensor([self._resolve_prompt_index(code)], device=self.device))
 
     @property
     def biasing_store(self):

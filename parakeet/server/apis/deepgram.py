@@ -61,6 +61,8 @@ class Options:
     written = attr.ib(default=False)
     #: ``keyterm`` and ``keywords`` (without their boosts): phrases to favour.
     keyterms = attr.ib(default=())
+    #: ``language``: the stream's language (``multi``: the model picks).
+    language = attr.ib(default=None)
 
 
 def _last(params, name):
@@ -123,12 +125,23 @@ def options(params):
                                    for term in terms])
     except ProtocolError as e:
         raise OptionError(str(e))
+    language = _last(params, "language")
     return Options(encoding, rate, _boolean(params, "interim_results"),
                    endpointing is None or endpointing.lower() != "false",
                    utterance_end, _boolean(params, "vad_events"),
                    _boolean(params, "utterances"),
                    _boolean(params, "smart_format") or _boolean(params, "numerals"),
-                   keyterms)
+                   keyterms, "auto" if language == "multi" else language)
+
+
+def check_language(options, model):
+    """OptionError unless model (a ModelInfo; None while loading) takes the
+    options' language."""
+    if options.language is not None and model is not None:
+        try:
+            model.check_language(options.language)
+        except ValueError as e:
+            raise OptionError(str(e))
 
 
 def model_info(model):
@@ -349,11 +362,12 @@ class ListenProtocol(StreamWebSocketProtocol):
         if refusal is not None:
             factory.registry.metrics.refused("unauthorized")
             raise ConnectionDeny(401, refusal.message)
+        registry = factory.registry
         try:
             self.options = options(request.params)
+            check_language(self.options, registry.model)
         except OptionError as e:
             raise ConnectionDeny(400, str(e))
-        registry = factory.registry
         if registry.geometry is None or registry.closed or not registry.free:
             reason = ("loading" if registry.geometry is None
                       else "draining" if registry.closed else "full")
@@ -379,6 +393,8 @@ class ListenProtocol(StreamWebSocketProtocol):
             self.session.itn = options.written and self.factory.loop.itn is not None
             if options.keyterms:
                 self.session.set_keyterms(options.keyterms)
+            if options.language is not None:
+                self.session.set_language(options.language)
             if options.encoding is None:
                 self._header = bytearray()
 

@@ -75,7 +75,8 @@ class UploadResource(resource.Resource):
         self.registry.metrics.refused("unauthorized")
         return self.error(request, 401, refusal.message, "unauthorized")
 
-    def run(self, request, audio, on_text=None, error=None, written=None, keyterms=()):
+    def run(self, request, audio, on_text=None, error=None, written=None, keyterms=(),
+            language=None):
         """Transcribe audio (a Deferred of (samples, rate)); a Deferred of
         the Transcript, or of None once the request was answered with an
         error (by error, self.error_body unless given) or its client went away."""
@@ -97,7 +98,7 @@ class UploadResource(resource.Resource):
             channel, done = uploads.transcribe(
                 self.sessions, self.reactor, samples, rate, self.transport,
                 request.getClientAddress().host if request.getClientAddress() else "unknown",
-                on_text, written, keyterms)
+                on_text, written, keyterms, language)
             if channel is not None:
                 channels.append(channel)
             return done

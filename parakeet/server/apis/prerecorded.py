@@ -45,6 +45,7 @@ class PrerecordedResource(UploadResource):
             return self._url(request)
         try:
             options = deepgram.options(request.args)
+            deepgram.check_language(options, self.registry.model)
         except deepgram.OptionError as e:
             return self.error(request, 400, str(e), "bad_message")
         raw = (options.encoding, options.sample_rate) if options.encoding else None
@@ -57,8 +58,8 @@ class PrerecordedResource(UploadResource):
 
         audio = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), read,
                                           request.content)
-        self.run(request, audio, written=options.written,
-                 keyterms=options.keyterms).addCallback(
+        self.run(request, audio, written=options.written, keyterms=options.keyterms,
+                 language=options.language).addCallback(
             self._answer, request, options, sha)
         return NOT_DONE_YET
 
@@ -80,7 +81,8 @@ class PrerecordedResource(UploadResource):
             return
         said = [u for u in transcript.utterances if u["words"]]
         everything = deepgram.alternative([w for u in said for w in u["words"]])
-        meta = deepgram.metadata(str(uuid.uuid4()), self.registry.model, transcript.duration)
+        meta = deepgram.metadata(str(uuid.uuid4()), self.registry.model.name,
+                                 transcript.duration)
         meta["sha256"] = sha[0]
         results = {"channels": [{"alternatives": [everything]}]}
         if options.utterances:

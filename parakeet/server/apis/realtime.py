@@ -345,9 +345,11 @@ class RealtimeChannel(WebSocketChannel):
             if not isinstance(transcription, dict):
                 raise EventError("'transcription' must be an object", "transcription")
             language = transcription.get("language")
-            if language and not str(language).lower().startswith("en"):
-                raise EventError("this server's model transcribes English only "
-                                 "(language 'en')", "transcription.language")
+            if language:
+                try:
+                    language = self.session.registry.model.check_language(language)
+                except ValueError as e:
+                    raise EventError(str(e), "transcription.language")
         detection = self.turn_detection
         if "turn_detection" in audio_input:
             detection = _turn_detection(audio_input["turn_detection"])
@@ -374,6 +376,8 @@ class RealtimeChannel(WebSocketChannel):
             except ProtocolError as e:
                 raise EventError(str(e), "transcription.keywords")
             self.session.set_keyterms(keyterms)
+            if language:
+                self.session.set_language(language)
         self.turn_detection = detection
         if detection is not None:
             turns = self.session.turns

@@ -122,10 +122,12 @@ class TranscriptionsResource(UploadResource):
         if granularities and fmt != "verbose_json":
             return self.error(request, 400, "timestamp_granularities needs response_format "
                               "verbose_json", "bad_message", "timestamp_granularities")
-        language = field(request, "language")
-        if language and not language.lower().startswith("en"):
-            return self.error(request, 400, "this server's model transcribes English only "
-                              "(language 'en')", "bad_message", "language")
+        language = field(request, "language") or None
+        if language is not None and self.registry.model is not None:
+            try:
+                self.registry.model.check_language(language)
+            except ValueError as e:
+                return self.error(request, 400, str(e), "bad_message", "language")
         logprobs = b"logprobs" in request.args.get(b"include[]", [])
         try:
             keyterms = prompt_keyterms(field(request, "prompt"), [
@@ -134,9 +136,9 @@ class TranscriptionsResource(UploadResource):
             return self.error(request, 400, str(e), "bad_message", "keywords")
         audio = uploads.read_audio(self.reactor, io.BytesIO(files[-1]))
         if stream:
-            self._stream(request, audio, keyterms)
+            self._stream(request, audio, keyterms, language)
         else:
-            done = self.run(request, audio, keyterms=keyterms)
+            done = self.run(request, audio, keyterms=keyterms, language=language)
             done.addCallback(self._answer, request, fmt, granularities or ["segment"], logprobs)
         return NOT_DONE_YET
 
@@ -163,7 +165,7 @@ class TranscriptionsResource(UploadResource):
         request.write(body)
         request.finish()
 
-    def _stream(self, request, audio, keyterms):
+    def _stream(self, request, audio, keyterms, language):
         started = []
 
         def event(obj):
@@ -196,5 +198,5 @@ class TranscriptionsResource(UploadResource):
                                                      "param": param, "code": kind}}).encode(
                 "utf-8") + b"\n\n"
 
-        self.run(request, audio, on_text=text, error=error,
-                 keyterms=keyterms).addCallback(done)
+        self.run(request, audio, on_text=text, error=error, keyterms=keyterms,
+                 language=language).addCallback(done)

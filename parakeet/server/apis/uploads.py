@@ -91,7 +91,7 @@ class UploadChannel(Channel):
         self._samples = None
         self._at = 0
 
-    def start(self, session, samples, rate, written=None, keyterms=()):
+    def start(self, session, samples, rate, written=None, keyterms=(), language=None):
         self.session = session
         self._samples = samples
         session.connection_made(rate)
@@ -100,6 +100,8 @@ class UploadChannel(Channel):
                 session.itn = written and session.loop.itn is not None
             if keyterms:
                 session.set_keyterms(keyterms)
+            if language is not None:
+                session.set_language(language)
             self._feed()
 
     def _feed(self):
@@ -155,12 +157,12 @@ class UploadChannel(Channel):
 
 
 def transcribe(sessions, reactor, samples, rate, transport, peer, on_text=None,
-               written=None, keyterms=()):
+               written=None, keyterms=(), language=None):
     """A Deferred of the Transcript of samples at rate, decoded in a stream
     slot like a live stream's; UploadError if it cannot be.  on_text: called
     with each piece of text as it is decoded (as spoken); written: whether
     utterances are written (with --itn), None: the server's default;
-    keyterms: phrases to favour.
+    keyterms: phrases to favour; language: the stream's (checked already).
     Returns (channel, Deferred): channel.cancel() ends the stream early."""
     limit = sessions.limits.max_stream_seconds
     if len(samples) > limit * rate:
@@ -169,5 +171,5 @@ def transcribe(sessions, reactor, samples, rate, transport, peer, on_text=None,
             "(--max-stream-seconds)" % (len(samples) / rate, limit), "max_stream_seconds"))
     channel = UploadChannel(reactor, peer, on_text)
     session = sessions.session(channel, transport)
-    channel.start(session, samples, rate, written, keyterms)
+    channel.start(session, samples, rate, written, keyterms, language)
     return channel, channel.done
