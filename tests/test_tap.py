@@ -74,7 +74,8 @@ class OptionsTests(unittest.TestCase):
     def test_model_sizes(self):
         self.assertEqual(MODEL_SIZES, {
             "small": "nvidia/parakeet_realtime_eou_120m-v1",
-            "large": "nvidia/nemotron-speech-streaming-en-0.6b"})
+            "large": "nvidia/nemotron-speech-streaming-en-0.6b",
+            "multilingual": "nvidia/nemotron-3.5-asr-streaming-0.6b"})
 
     def test_command_line_has_serve(self):
         options = cli.Options()

@@ -355,6 +355,9 @@ class TransportEngine(FakeEngine):
     device = "cpu"
     precision = "float32"
     sample_rate = GEOMETRY.sample_rate
+    chunk_sizes_ms = (160,)
+    languages = ()
+    default_language = None
 
     def __init__(self):
         FakeEngine.__init__(self, GEOMETRY)
