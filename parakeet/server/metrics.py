@@ -160,11 +160,11 @@ class _Live:
                                     loop.max_batch)
         model = registry.model if registry is not None else None
         if model is not None:
+            info = model.describe()
             yield InfoMetricFamily("parakeet_model", "The model served.", value={
-                "model": model.name, "device": model.device, "precision": model.precision,
-                "chunk_sizes_ms": ",".join(map(str, model.chunk_sizes_ms)),
-                "languages": ",".join(model.languages) or "en",
-                "language": model.language or "en",
+                "model": info["name"], "device": info["device"], "precision": info["precision"],
+                "chunk_sizes_ms": ",".join(map(str, info["chunk_sizes_ms"])),
+                "languages": ",".join(info["languages"]), "language": info["language"],
             })
         if engine is not None:
             yield GaugeMetricFamily("parakeet_chunk_seconds",
